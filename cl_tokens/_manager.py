@@ -1,0 +1,695 @@
+"""The token manager: read the tiers, share one flight per key, fetch, write.
+
+Reading order for a key: the hot tier (a dict lookup, no clock read, no lock, no I/O),
+then the in-process memory tier (checked against the wall clock), then the shared
+backend, then — under the backend's lock, so one process fetches for all — the token
+endpoint. A hot entry is retired by a loop timer when its token enters the refresh
+window, and by a periodic wall-clock check that catches what timers miss (clock jumps,
+a suspended process, an injected clock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from functools import partial
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from ._clock import Clock, SystemClock
+from ._endpoint import BodyEncoding, TokenEndpoint, auth_url_problem
+from ._errors import AuthenticationError, BackendError, ConfigurationError, TokenError
+from ._keys import cache_key
+from ._retry import with_retries
+from ._shared import UNAVAILABLE, SharedTier
+from ._singleflight import SingleFlight
+from ._token import Token, fingerprint
+from ._tuning import Tuning, TokenTiming, plan_token
+from ._version import __version__
+from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
+
+if TYPE_CHECKING:
+    from ._aiohttp_middleware import TokenMiddleware
+    from ._httpx_auth import TokenAuth
+    from ._settings import Settings
+
+__all__ = ["DEFAULT_AUTH_URL", "TokenManager"]
+
+logger = logging.getLogger("cl_tokens")
+
+DEFAULT_AUTH_URL = "https://auth.commercelayer.io/oauth/token"
+_ScopeArg = str | None
+
+
+@dataclass(eq=False)
+class _Entry:
+    """A token in the memory tier, with its timing and the hot aliases that serve it."""
+
+    token: Token
+    timing: TokenTiming
+    header: str
+    aliases: set[_ScopeArg] = field(default_factory=set)
+    timer: asyncio.TimerHandle | None = None
+    refresh_not_before: float = 0.0  # monotonic
+
+
+class TokenManager:
+    """Gets, caches and shares OAuth2 client_credentials tokens.
+
+    ``await manager.header()`` costs about a dict lookup while a token is cached; on a
+    miss, exactly one request goes to the token endpoint however many coroutines (single
+    flight) and processes (the shared backend's lock) ask at once.
+
+    Args:
+        client_id: the API credentials' client id.
+        client_secret: the client secret (None for sales-channel credentials).
+        scope: the default scope, e.g. ``market:code:europe``; None for no scope.
+        auth_url: the token endpoint; https, or http to a loopback host for tests.
+        backend: where tokens are shared: None (a private in-memory store), a URL
+            (``memory://``, ``file:///var/cache/cl-tokens``, ``redis://host:6379/0``)
+            or a ``TokenBackend`` instance (not closed by the manager).
+        backend_options: keyword options for the backend built from a URL
+            (e.g. ``encryption_key``).
+        session: an ``aiohttp.ClientSession`` to use (not closed by the manager);
+            otherwise the manager creates one when first needed.
+        body_encoding: ``"json"`` (what Commerce Layer documents) or ``"form"``
+            (``application/x-www-form-urlencoded``, what RFC 6749 servers expect).
+        clock: wall and monotonic time; inject one to test expiry without sleeping.
+        **tuning: any option of ``cl_tokens.Tuning`` (safety_margin, refresh_window,
+            attempts, fetch_deadline, strict, ...), with the defaults documented there.
+
+    Raises:
+        ConfigurationError: listing every invalid argument.
+    """
+
+    def __init__(
+        self,
+        client_id: str,
+        client_secret: str | None = None,
+        *,
+        scope: str | None = None,
+        auth_url: str = DEFAULT_AUTH_URL,
+        backend: TokenBackend | str | None = None,
+        backend_options: Mapping[str, Any] | None = None,
+        session: aiohttp.ClientSession | None = None,
+        body_encoding: BodyEncoding = "json",
+        clock: Clock | None = None,
+        safety_margin: float = Tuning.safety_margin,
+        refresh_window: float = Tuning.refresh_window,
+        refresh_jitter: float = Tuning.refresh_jitter,
+        min_refresh_gap: float = Tuning.min_refresh_gap,
+        attempts: int = Tuning.attempts,
+        backoff_base: float = Tuning.backoff_base,
+        backoff_cap: float = Tuning.backoff_cap,
+        fetch_deadline: float = Tuning.fetch_deadline,
+        attempt_timeout: float = Tuning.attempt_timeout,
+        auth_failure_cooldown: float = Tuning.auth_failure_cooldown,
+        lock_lease: float = Tuning.lock_lease,
+        lock_wait: float | None = Tuning.lock_wait,
+        lock_poll_interval: float = Tuning.lock_poll_interval,
+        backend_retry_interval: float = Tuning.backend_retry_interval,
+        clock_check_interval: float = Tuning.clock_check_interval,
+        strict: bool = Tuning.strict,
+    ) -> None:
+        problems = _argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
+        if backend is not None and not isinstance(backend, (str, TokenBackend)):
+            problems.append("backend must be a URL string or a TokenBackend instance")
+        if session is not None and not isinstance(session, aiohttp.ClientSession):
+            problems.append("session must be an aiohttp.ClientSession")
+        try:
+            self._tuning = Tuning(
+                safety_margin=safety_margin,
+                refresh_window=refresh_window,
+                refresh_jitter=refresh_jitter,
+                min_refresh_gap=min_refresh_gap,
+                attempts=attempts,
+                backoff_base=backoff_base,
+                backoff_cap=backoff_cap,
+                fetch_deadline=fetch_deadline,
+                attempt_timeout=attempt_timeout,
+                auth_failure_cooldown=auth_failure_cooldown,
+                lock_lease=lock_lease,
+                lock_wait=lock_wait,
+                lock_poll_interval=lock_poll_interval,
+                backend_retry_interval=backend_retry_interval,
+                clock_check_interval=clock_check_interval,
+                strict=strict,
+            )
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigurationError("invalid TokenManager arguments: " + "; ".join(problems))
+
+        self._clock: Clock = clock or SystemClock()
+        self._client_id = client_id
+        self._scope = scope
+        self._auth_url = auth_url
+        self._client_secret = client_secret
+        self._session = session
+        self._own_session: aiohttp.ClientSession | None = None
+        self._endpoint = TokenEndpoint(
+            auth_url=auth_url,
+            client_id=client_id,
+            client_secret=client_secret,
+            body_encoding=body_encoding,
+            clock=self._clock,
+            session=self._get_session,
+            user_agent=f"cl-tokens/{__version__}",
+        )
+        self._owns_backend = not isinstance(backend, TokenBackend)
+        self._shared = SharedTier(
+            self._build_backend(backend, dict(backend_options or {})),
+            clock=self._clock,
+            strict=self._tuning.strict,
+            retry_interval=self._tuning.backend_retry_interval,
+        )
+        self._rng = random.Random()
+        # The hot tier: scope argument -> header value / token. Only these two lookups
+        # happen on a warm call; entries are retired, never checked, on the hot path.
+        self._hot_headers: dict[_ScopeArg, str] = {}
+        self._hot_tokens: dict[_ScopeArg, Token] = {}
+        self._entries: dict[str, _Entry] = {}
+        self._keys: dict[_ScopeArg, tuple[str, str | None]] = {}
+        self._flights: SingleFlight[str, Token] = SingleFlight()
+        self._cooldowns: dict[str, tuple[float, AuthenticationError]] = {}
+        self._rejected: dict[str, str] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._closed = False
+
+    def _build_backend(
+        self, backend: TokenBackend | str | None, options: dict[str, Any]
+    ) -> TokenBackend:
+        if isinstance(backend, TokenBackend):
+            return backend
+        if backend is None or backend.strip().lower() == "memory://":
+            if options:
+                raise ConfigurationError("the memory backend takes no backend_options")
+            return MemoryBackend(clock=self._clock)
+        return backend_from_url(backend, **options)
+
+    # -- construction from settings ------------------------------------------------
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings | Mapping[str, Any], **overrides: Any
+    ) -> TokenManager:
+        """A manager from a ``Settings`` or a settings mapping (``Settings.from_mapping``).
+
+        ``overrides`` (e.g. ``session=``, ``clock=``) win over the settings.
+        """
+        from ._settings import Settings
+
+        if not isinstance(settings, Settings):
+            settings = Settings.from_mapping(settings)
+        return cls(**{**settings.manager_kwargs(), **overrides})
+
+    @classmethod
+    def from_env(
+        cls, environ: Mapping[str, str] | None = None, prefix: str = "CL_", **overrides: Any
+    ) -> TokenManager:
+        """A manager configured from environment variables (``CL_CLIENT_ID``, ...)."""
+        from ._settings import Settings
+
+        return cls.from_settings(Settings.from_env(environ, prefix=prefix), **overrides)
+
+    # -- public API ----------------------------------------------------------------
+
+    @property
+    def client_id(self) -> str:
+        return self._client_id
+
+    @property
+    def scope(self) -> str | None:
+        """The default scope of calls that pass none."""
+        return self._scope
+
+    @property
+    def auth_url(self) -> str:
+        return self._auth_url
+
+    @property
+    def backend(self) -> TokenBackend:
+        """The shared backend behind the in-process tier."""
+        return self._shared.backend
+
+    @property
+    def tuning(self) -> Tuning:
+        return self._tuning
+
+    def __repr__(self) -> str:
+        return (
+            f"TokenManager(client_id={self._client_id!r}, scope={self._scope!r}, "
+            f"auth_url={self._auth_url!r}, backend={self._shared.backend!r})"
+        )
+
+    async def header(self, scope: str | None = None) -> dict[str, str]:
+        """``{"Authorization": "Bearer <token>"}``, a new dict on every call.
+
+        Args:
+            scope: overrides the manager's default scope for this call.
+
+        Raises:
+            AuthenticationError: the credentials were rejected.
+            TokenEndpointError: no token could be had from the endpoint.
+            ConfigurationError: ``scope`` is not a non-empty string or None.
+        """
+        try:
+            value = self._hot_headers.get(scope)
+        except TypeError:  # unhashable scope: let the slow path name the problem
+            value = None
+        if value is not None:
+            return {"Authorization": value}
+        token = await self._slow_token(scope)
+        return {"Authorization": token.authorization}
+
+    async def token(self, scope: str | None = None) -> Token:
+        """The current ``Token`` for ``scope`` (the manager's default when None)."""
+        try:
+            token = self._hot_tokens.get(scope)
+        except TypeError:
+            token = None
+        if token is not None:
+            return token
+        return await self._slow_token(scope)
+
+    async def invalidate(self, access_token: str, scope: str | None = None) -> bool:
+        """Drop ``access_token`` from every tier, only if it is still the cached token.
+
+        Call it when the API answers 401 ``INVALID_TOKEN``: a hundred callers that saw
+        the same stale token cause one new fetch, not a hundred, and a token another
+        caller already replaced is left alone. Returns whether anything was dropped.
+        """
+        if not isinstance(access_token, str) or not access_token:
+            raise ConfigurationError("access_token must be a non-empty string")
+        self._check_open()
+        self._bind_loop()
+        key, _ = self._resolve(scope)
+        # Remember it: a read of the shared backend racing this call must not bring it back.
+        self._rejected[key] = access_token
+        dropped = False
+        entry = self._entries.get(key)
+        if entry is not None and entry.token.access_token == access_token:
+            self._drop(key)
+            dropped = True
+        deleted = await self._shared.delete_if(key, access_token)
+        if dropped or deleted:
+            logger.info("invalidated token %s", fingerprint(access_token))
+        return dropped or deleted
+
+    async def revoke(self, scope: str | None = None) -> bool:
+        """Revoke the cached token for ``scope`` at ``{iss}/oauth/revoke`` and drop it.
+
+        The revocation URL comes from the token's ``iss`` claim, else the auth_url's
+        origin. Returns False when no token was cached (nothing to revoke).
+
+        Raises:
+            AuthenticationError: the endpoint rejected the credentials.
+            TokenEndpointError: the endpoint failed or could not be reached.
+        """
+        from ._revoke import revoke_token
+
+        self._check_open()
+        self._bind_loop()
+        key, _ = self._resolve(scope)
+        entry = self._entries.get(key)
+        token = entry.token if entry is not None else await self._shared.read(key)
+        if token is None:
+            return False
+        await revoke_token(
+            await self._get_session(),
+            token,
+            auth_url=self._auth_url,
+            client_id=self._client_id,
+            client_secret=self._client_secret,
+            timeout=self._tuning.attempt_timeout,
+        )
+        await self.invalidate(token.access_token, scope)
+        return True
+
+    def aiohttp_middleware(self, *, scope: str | None = None) -> TokenMiddleware:
+        """An aiohttp (>= 3.12) client middleware: ``ClientSession(middlewares=[...])``.
+
+        It adds the Authorization header and, on a 401 from the API, invalidates exactly
+        the token it sent and retries the request once with a fresh one.
+        """
+        from ._aiohttp_middleware import TokenMiddleware
+
+        return TokenMiddleware(self, scope=scope)
+
+    def httpx_auth(self, *, scope: str | None = None) -> TokenAuth:
+        """An ``httpx.Auth`` for ``httpx.AsyncClient`` with the middleware's behaviour.
+
+        Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``.
+        """
+        from ._httpx_auth import TokenAuth
+
+        return TokenAuth(self, scope=scope)
+
+    async def aclose(self) -> None:
+        """Cancel and await background work; close the session and backend it owns."""
+        if self._closed:
+            return
+        self._closed = True
+        self._clear_hot()
+        for entry in self._entries.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+        loop = asyncio.get_running_loop()
+        tasks: list[asyncio.Task[Any]] = [t for t in self._flights.tasks() if t.get_loop() is loop]
+        if self._keeper is not None and self._keeper.get_loop() is loop:
+            tasks.append(self._keeper)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._flights.forget()
+        if self._own_session is not None:
+            await self._own_session.close()
+            self._own_session = None
+        if self._owns_backend:
+            await self._shared.backend.aclose()
+
+    async def __aenter__(self) -> TokenManager:
+        self._check_open()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # -- the slow path -----------------------------------------------------------------
+
+    async def _slow_token(self, scope_arg: _ScopeArg) -> Token:
+        self._check_open()
+        self._bind_loop()
+        key, scope = self._resolve(scope_arg)
+        now = self._clock.time()
+        entry = self._entries.get(key)
+        if entry is not None:
+            if now < entry.timing.usable_until:
+                if now >= entry.timing.refresh_at:
+                    self._start_refresh(key, scope, entry)
+                else:
+                    self._promote(scope_arg, entry)
+                return entry.token
+            self._drop(key)
+        token = await self._flights.run(key, partial(self._obtain, key, scope, None))
+        entry = self._entries.get(key)
+        if entry is not None and entry.token is token and self._clock.time() < entry.timing.refresh_at:
+            self._promote(scope_arg, entry)
+        return token
+
+    def _start_refresh(self, key: str, scope: str | None, entry: _Entry) -> None:
+        """Refresh ``entry`` in the background, at most once per minimum gap."""
+        if self._flights.in_flight(key):
+            return
+        now = self._clock.monotonic()
+        if now < entry.refresh_not_before:
+            return
+        entry.refresh_not_before = now + entry.timing.min_gap
+        self._flights.start(key, partial(self._obtain, key, scope, entry.token))
+
+    async def _obtain(self, key: str, scope: str | None, stale: Token | None) -> Token:
+        """The body of a flight: shared tier, then the lock, then the endpoint.
+
+        ``stale`` is the token being refreshed ahead of expiry (None for a blocking
+        fetch): a refresh accepts only a newer token than it.
+        """
+        self._raise_if_cooling_down(key)
+        stored = await self._shared.read(key)
+        if self._acceptable(key, stored, stale):
+            return self._install(key, stored)  # type: ignore[arg-type]
+        outcome = await self._lock_or_token(key, stale)
+        if isinstance(outcome, Token):
+            return self._install(key, outcome)
+        try:
+            if outcome is not None:
+                # Another process may have fetched while we waited for the lock.
+                stored = await self._shared.read(key)
+                if self._acceptable(key, stored, stale):
+                    return self._install(key, stored)  # type: ignore[arg-type]
+            token = await self._fetch(key, scope, refreshing=stale is not None)
+            await self._shared.write(key, token)
+        finally:
+            if outcome is not None:
+                await self._shared.release(outcome)
+        if stale is not None and token.access_token == stale.access_token:
+            logger.info(
+                "token endpoint returned the same token %s; next refresh attempt in %.0f s",
+                fingerprint(token.access_token),
+                self._entries[key].timing.min_gap if key in self._entries else 0.0,
+            )
+        return self._install(key, token)
+
+    def _acceptable(self, key: str, token: Token | None, stale: Token | None) -> bool:
+        if token is None or token.access_token == self._rejected.get(key):
+            return False
+        now = self._clock.time()
+        lifetime = token.lifetime if token.lifetime > 0 else token.expires_at - now
+        if now >= token.expires_at - min(self._tuning.safety_margin, 0.25 * lifetime):
+            return False
+        if stale is None:
+            return True
+        return token.access_token != stale.access_token and token.expires_at > stale.expires_at
+
+    async def _lock_or_token(self, key: str, stale: Token | None) -> LockHandle | Token | None:
+        """The backend's lock on ``key``, or the token another process wrote meanwhile.
+
+        None means: fetch without the lock (the backend is down, or its lock holder
+        took longer than ``lock_wait``).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._tuning.effective_lock_wait
+        while True:
+            outcome = await self._shared.acquire(key, self._tuning.lock_lease)
+            if outcome is UNAVAILABLE:
+                return None
+            if isinstance(outcome, LockHandle):
+                return outcome
+            stored = await self._shared.read(key)
+            if self._acceptable(key, stored, stale):
+                return stored
+            if loop.time() >= deadline:
+                waited = self._tuning.effective_lock_wait
+                if self._tuning.strict:
+                    raise BackendError(
+                        f"waited {waited:g} s for another process's token fetch; "
+                        "neither the lock nor a token came"
+                    )
+                logger.warning(
+                    "waited %.1f s for another process's token fetch; fetching directly", waited
+                )
+                return None
+            await asyncio.sleep(self._tuning.lock_poll_interval * self._rng.uniform(0.5, 1.5))
+
+    async def _fetch(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
+        tuning = self._tuning
+        try:
+            token = await with_retries(
+                partial(self._endpoint.request, scope),
+                attempts=tuning.attempts,
+                attempt_timeout=tuning.attempt_timeout,
+                deadline=tuning.fetch_deadline,
+                base=tuning.backoff_base,
+                cap=tuning.backoff_cap,
+                clock=self._clock,
+                rng=self._rng,
+            )
+        except AuthenticationError as error:
+            self._cooldowns[key] = (self._clock.monotonic() + tuning.auth_failure_cooldown, error)
+            logger.warning(
+                "token request for client %r rejected: %s; calls fail fast for %g s",
+                self._client_id,
+                error,
+                tuning.auth_failure_cooldown,
+            )
+            raise
+        except TokenError as error:
+            if refreshing:
+                logger.warning(
+                    "background token refresh failed (%s); the current token is still served",
+                    error,
+                )
+            raise
+        logger.info(
+            "fetched token %s for scope %r, valid for %.0f s",
+            fingerprint(token.access_token),
+            token.scope,
+            token.lifetime,
+        )
+        return token
+
+    def _raise_if_cooling_down(self, key: str) -> None:
+        cooling = self._cooldowns.get(key)
+        if cooling is None:
+            return
+        until, error = cooling
+        if self._clock.monotonic() >= until:
+            del self._cooldowns[key]
+            return
+        raise AuthenticationError(
+            f"{error} (failing fast: the credentials were rejected "
+            f"{self._tuning.auth_failure_cooldown:g} s ago or less)",
+            status=error.status,
+            code=error.code,
+            title=error.title,
+            detail=error.detail,
+        )
+
+    # -- the tiers ---------------------------------------------------------------------
+
+    def _resolve(self, scope_arg: object) -> tuple[str, str | None]:
+        """(cache key, scope) for a scope argument, validated once and remembered."""
+        try:
+            known = self._keys.get(scope_arg)  # type: ignore[arg-type]
+        except TypeError:
+            known = None
+        if known is not None:
+            return known
+        if scope_arg is None:
+            scope = self._scope
+        elif isinstance(scope_arg, str) and scope_arg.strip() == scope_arg and scope_arg:
+            scope = scope_arg
+        else:
+            raise ConfigurationError(
+                "scope must be a non-empty string without surrounding spaces, such as "
+                f"'market:code:europe', or None; got {type(scope_arg).__name__} {scope_arg!r}"
+            )
+        resolved = (cache_key(self._auth_url, self._client_id, scope), scope)
+        self._keys[scope_arg] = resolved
+        return resolved
+
+    def _install(self, key: str, token: Token) -> Token:
+        """Make ``token`` the memory tier's entry for ``key`` and arm its retirement."""
+        now = self._clock.time()
+        old = self._entries.get(key)
+        if old is not None and old.token.access_token == token.access_token:
+            # The same token came back (Commerce Layer reissues only near expiry):
+            # keep its timing, and wait the minimum gap before asking again.
+            old.refresh_not_before = self._clock.monotonic() + old.timing.min_gap
+            return old.token
+        entry = _Entry(token, plan_token(token, self._tuning, now, self._rng), token.authorization)
+        aliases = set(old.aliases) if old is not None else set()
+        if old is not None:
+            self._drop(key)
+        self._entries[key] = entry
+        delay = entry.timing.refresh_at - now
+        if delay > 0:
+            entry.timer = asyncio.get_running_loop().call_later(delay, self._retire, entry)
+            for alias in aliases:
+                self._promote(alias, entry)
+        return token
+
+    def _promote(self, scope_arg: _ScopeArg, entry: _Entry) -> None:
+        entry.aliases.add(scope_arg)
+        self._hot_tokens[scope_arg] = entry.token
+        self._hot_headers[scope_arg] = entry.header
+
+    def _retire(self, entry: _Entry) -> None:
+        """Take ``entry`` off the hot tier: its next caller takes the slow path."""
+        for alias in entry.aliases:
+            if self._hot_tokens.get(alias) is entry.token:
+                del self._hot_tokens[alias]
+                del self._hot_headers[alias]
+        entry.aliases.clear()
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._retire(entry)
+            if entry.timer is not None:
+                entry.timer.cancel()
+
+    def _clear_hot(self) -> None:
+        self._hot_headers.clear()
+        self._hot_tokens.clear()
+        for entry in self._entries.values():
+            entry.aliases.clear()
+
+    async def _check_clock(self) -> None:
+        """Retire hot entries that the wall clock says are due, whatever the timers did."""
+        try:
+            while True:
+                await asyncio.sleep(self._tuning.clock_check_interval)
+                now = self._clock.time()
+                for entry in list(self._entries.values()):
+                    if entry.aliases and now >= entry.timing.refresh_at:
+                        self._retire(entry)
+        finally:
+            # The loop is ending (or the manager closing): its timers die with it, so the
+            # hot tier must not outlive them.
+            self._clear_hot()
+
+    # -- event loop and resources ------------------------------------------------------
+
+    def _bind_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            old = self._loop
+            if old is not None and not old.is_closed() and old.is_running():
+                raise TokenError(
+                    "this TokenManager is in use by another running event loop; "
+                    "create one manager per event loop (thread)"
+                )
+            self._move_to(loop)
+        if self._keeper is None or self._keeper.done():
+            self._keeper = loop.create_task(self._check_clock(), name="cl_tokens clock check")
+
+    def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Adopt a new event loop after the old one finished: drop what belonged to it."""
+        self._clear_hot()
+        self._flights.forget()
+        self._keeper = None
+        if self._own_session is not None:
+            # Its connections belong to the old loop; they cannot be closed from here.
+            self._own_session.detach()
+            self._own_session = None
+        now = self._clock.time()
+        for entry in self._entries.values():
+            if entry.timer is not None:
+                entry.timer.cancel()
+            delay = entry.timing.refresh_at - now
+            entry.timer = loop.call_later(delay, self._retire, entry) if delay > 0 else None
+        self._loop = loop
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is not None:
+            return self._session
+        if self._own_session is None or self._own_session.closed:
+            self._own_session = aiohttp.ClientSession()
+        return self._own_session
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise TokenError("this TokenManager is closed")
+
+
+def _argument_problems(
+    client_id: object,
+    client_secret: object,
+    scope: object,
+    auth_url: object,
+    body_encoding: object,
+) -> list[str]:
+    problems = []
+    if not isinstance(client_id, str) or not client_id.strip():
+        problems.append("client_id must be a non-empty string")
+    if client_secret is not None and (not isinstance(client_secret, str) or not client_secret):
+        problems.append("client_secret must be a non-empty string or None")
+    if scope is not None and (not isinstance(scope, str) or not scope.strip()):
+        problems.append("scope must be a non-empty string such as 'market:code:europe', or None")
+    url_problem = auth_url_problem(auth_url)
+    if url_problem:
+        problems.append(f"auth_url {url_problem}")
+    if body_encoding not in ("json", "form"):
+        problems.append(f"body_encoding must be 'json' or 'form', not {body_encoding!r}")
+    return problems

@@ -1,0 +1,95 @@
+"""The manager's view of its shared backend: fault policy in one place.
+
+A backend that fails is, by default, an optimisation lost, not an outage: one warning,
+then the manager goes around it for ``backend_retry_interval`` and tries it again, and
+logs once more when it answers. With ``strict=True`` every fault raises BackendError.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from ._clock import Clock
+from ._errors import BackendError
+from ._token import Token
+from .backends import LockHandle, TokenBackend
+
+__all__ = ["UNAVAILABLE", "SharedTier"]
+
+logger = logging.getLogger("cl_tokens")
+T = TypeVar("T")
+
+
+class _Unavailable:
+    def __repr__(self) -> str:
+        return "UNAVAILABLE"
+
+
+UNAVAILABLE = _Unavailable()
+
+
+class SharedTier:
+    """Calls a backend, turning its faults into a warning (or BackendError when strict)."""
+
+    def __init__(
+        self, backend: TokenBackend, *, clock: Clock, strict: bool, retry_interval: float
+    ) -> None:
+        self.backend = backend
+        self._clock = clock
+        self._strict = strict
+        self._retry_interval = retry_interval
+        self._down_until: float | None = None  # monotonic; None while the backend is fine
+
+    @property
+    def available(self) -> bool:
+        return self._down_until is None or self._clock.monotonic() >= self._down_until
+
+    async def _call(self, call: Awaitable[T], what: str) -> T | _Unavailable:
+        if not self.available:
+            close = getattr(call, "close", None)
+            if close is not None:
+                close()  # never awaited: close the coroutine so Python does not warn
+            return UNAVAILABLE
+        try:
+            result = await call
+        except Exception as exc:
+            error = exc if isinstance(exc, BackendError) else BackendError(
+                f"{type(self.backend).__name__} failed to {what}: {type(exc).__name__}"
+            )
+            if self._strict:
+                if error is exc:
+                    raise
+                raise error from exc
+            if self._down_until is None:
+                logger.warning(
+                    "shared token backend %r failed to %s (%s); carrying on with the "
+                    "in-process cache and direct fetches until it answers again",
+                    self.backend,
+                    what,
+                    exc if isinstance(exc, BackendError) else type(exc).__name__,
+                )
+            self._down_until = self._clock.monotonic() + self._retry_interval
+            return UNAVAILABLE
+        if self._down_until is not None:
+            logger.warning("shared token backend %r answers again", self.backend)
+            self._down_until = None
+        return result
+
+    async def read(self, key: str) -> Token | None:
+        result = await self._call(self.backend.get(key), "read a token")
+        return None if isinstance(result, _Unavailable) else result
+
+    async def write(self, key: str, token: Token) -> None:
+        await self._call(self.backend.set(key, token), "write a token")
+
+    async def delete_if(self, key: str, access_token: str) -> bool:
+        result = await self._call(self.backend.delete(key, access_token), "delete a token")
+        return False if isinstance(result, _Unavailable) else result
+
+    async def acquire(self, key: str, lease: float) -> LockHandle | None | _Unavailable:
+        return await self._call(self.backend.acquire_lock(key, lease=lease), "take a lock")
+
+    async def release(self, handle: LockHandle) -> None:
+        await self._call(self.backend.release_lock(handle), "release a lock")

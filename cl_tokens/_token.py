@@ -1,0 +1,177 @@
+"""The token model: what the endpoint gave us, with absolute expiry, and its claims."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["Token", "TokenClaims", "fingerprint"]
+
+
+def fingerprint(secret: str | None) -> str:
+    """A short, non-reversible hint of a secret for logs: its last four characters."""
+    if not secret:
+        return "<none>"
+    if len(secret) <= 8:
+        return "…"
+    return "…" + secret[-4:]
+
+
+@dataclass(frozen=True)
+class TokenClaims:
+    """The unverified payload of a Commerce Layer JWT, with typed helpers.
+
+    Commerce Layer puts ``organization`` (``slug``, ``id``), ``application``
+    (``kind``, ``id``, ``public``), ``market`` (``id`` list), ``scope``, ``exp`` and
+    ``iss`` there. Nothing here is verified: use it to route, never to authorize.
+    """
+
+    payload: dict[str, Any]
+
+    def _section(self, name: str) -> dict[str, Any]:
+        value = self.payload.get(name)
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def organization_slug(self) -> str | None:
+        slug = self._section("organization").get("slug")
+        return slug if isinstance(slug, str) else None
+
+    @property
+    def organization_id(self) -> str | None:
+        value = self._section("organization").get("id")
+        return value if isinstance(value, str) else None
+
+    @property
+    def application_kind(self) -> str | None:
+        kind = self._section("application").get("kind")
+        return kind if isinstance(kind, str) else None
+
+    @property
+    def market_ids(self) -> tuple[str, ...]:
+        ids = self._section("market").get("id")
+        if isinstance(ids, str):
+            return (ids,)
+        if isinstance(ids, list):
+            return tuple(str(i) for i in ids)
+        return ()
+
+    @property
+    def iss(self) -> str | None:
+        value = self.payload.get("iss")
+        return value if isinstance(value, str) else None
+
+    @property
+    def exp(self) -> float | None:
+        value = self.payload.get("exp")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        return None
+
+
+def decode_claims(access_token: str) -> TokenClaims | None:
+    """Decode a JWT's payload without verifying it; None for an opaque token."""
+    parts = access_token.split(".")
+    if len(parts) != 3:
+        return None
+    segment = parts[1]
+    try:
+        raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+        payload = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    return TokenClaims(payload) if isinstance(payload, dict) else None
+
+
+@dataclass(frozen=True)
+class Token:
+    """An access token and when it stops being usable.
+
+    Attributes:
+        access_token: the bearer token (never shown by ``repr``).
+        token_type: as the server said, normally ``"Bearer"``.
+        scope: the scope the server granted; else the scope requested; else None.
+        expires_at: unix time (seconds) at which the token expires, computed from the
+            local clock when the request was *sent* plus ``expires_in``: conservative.
+        created_at: the server's ``created_at`` (unix seconds), informational only.
+        lifetime: ``expires_in`` as received, in seconds; the refresh window and the
+            safety margin are fractions of it, so every process computes the same ones.
+    """
+
+    access_token: str = field(repr=False)
+    token_type: str
+    scope: str | None
+    expires_at: float
+    created_at: float | None = None
+    lifetime: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.access_token, str) or not self.access_token:
+            raise ValueError("access_token must be a non-empty string")
+        if not math.isfinite(self.expires_at):
+            raise ValueError("expires_at must be a finite number")
+        if self.lifetime <= 0:
+            # Tokens built by hand may omit it; the time left at creation is a fair stand-in.
+            object.__setattr__(self, "lifetime", 0.0)
+
+    def __repr__(self) -> str:
+        return (
+            f"Token(access_token={fingerprint(self.access_token)!r}, "
+            f"token_type={self.token_type!r}, scope={self.scope!r}, "
+            f"expires_at={self.expires_at!r}, lifetime={self.lifetime!r})"
+        )
+
+    @property
+    def authorization(self) -> str:
+        """The value of the ``Authorization`` header: ``Bearer <token>``."""
+        # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer".
+        kind = "Bearer" if self.token_type.lower() == "bearer" else self.token_type
+        return f"{kind} {self.access_token}"
+
+    @property
+    def claims(self) -> TokenClaims | None:
+        """The decoded (unverified) JWT payload, or None for an opaque token."""
+        return decode_claims(self.access_token)
+
+    def seconds_left(self, now: float) -> float:
+        return self.expires_at - now
+
+    def to_dict(self) -> dict[str, Any]:
+        """The token's fields as JSON-ready data (what shared backends store)."""
+        return {
+            "access_token": self.access_token,
+            "token_type": self.token_type,
+            "scope": self.scope,
+            "expires_at": self.expires_at,
+            "created_at": self.created_at,
+            "lifetime": self.lifetime,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Token:
+        """Rebuild a token stored by ``to_dict``; ValueError if the data is not one."""
+        if not isinstance(data, dict):
+            raise ValueError("stored token is not an object")
+        try:
+            access_token = data["access_token"]
+            expires_at = float(data["expires_at"])
+            lifetime = float(data.get("lifetime") or 0.0)
+            created = data.get("created_at")
+            token_type = data.get("token_type") or "Bearer"
+            scope = data.get("scope")
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"stored token is incomplete: {type(exc).__name__}") from None
+        if not isinstance(token_type, str) or (scope is not None and not isinstance(scope, str)):
+            raise ValueError("stored token has fields of the wrong type")
+        return cls(
+            access_token=access_token,
+            token_type=token_type,
+            scope=scope,
+            expires_at=expires_at,
+            created_at=float(created) if isinstance(created, (int, float)) else None,
+            lifetime=lifetime,
+        )

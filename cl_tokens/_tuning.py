@@ -1,0 +1,137 @@
+"""Tuning options, their defaults and validation, and the per-token timing they imply.
+
+One place defines every knob, so the manager, ``Settings`` and the docs agree.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ._errors import ConfigurationError
+from ._token import Token
+
+__all__ = ["Tuning", "TokenTiming", "plan_token"]
+
+# Commerce Layer hands out a new token only in the last 15 minutes of the old one's life;
+# a refresh earlier than that gets the same token back.
+REISSUE_WINDOW = 900.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Tuning:
+    """Every tuning option, with its default. All durations are in seconds.
+
+    Attributes:
+        safety_margin: never hand out a token with less than this left (clamped to 25%
+            of the token's lifetime, so short-lived tokens still work).
+        refresh_window: refresh ahead when this much is left (clamped to 50% of the
+            lifetime). Keep it under 900 s for Commerce Layer, which issues a new token
+            only in the last 15 minutes of the old one's life.
+        refresh_jitter: start the refresh up to this much earlier, drawn once per token
+            (clamped to 10% of the lifetime), so processes do not refresh in step.
+        min_refresh_gap: wait at least this long (clamped to 10% of the lifetime) between
+            refresh attempts after a failure or after the endpoint gave the same token.
+        attempts: requests per fetch, the first included.
+        backoff_base: backoff before the second attempt; it doubles each time.
+        backoff_cap: the largest backoff.
+        fetch_deadline: the overall time a fetch (all its attempts) may take.
+        attempt_timeout: the time one request may take.
+        auth_failure_cooldown: after the credentials are rejected, calls fail fast with
+            the same error for this long instead of calling the endpoint again.
+        lock_lease: how long a shared-backend lock lives if its holder dies.
+        lock_wait: how long to wait for another process's fetch before fetching
+            directly (None: ``fetch_deadline + 1``).
+        lock_poll_interval: how often a process waiting on another's fetch re-reads the
+            shared backend.
+        backend_retry_interval: after a shared backend fails, go around it this long
+            before trying it again.
+        clock_check_interval: how often cached tokens are checked against the wall clock
+            (catches clock jumps and suspended processes the timers miss).
+        strict: raise ``BackendError`` when the shared backend fails, instead of
+            warning once and carrying on without it.
+    """
+
+    safety_margin: float = 30.0
+    refresh_window: float = 600.0
+    refresh_jitter: float = 60.0
+    min_refresh_gap: float = 30.0
+    attempts: int = 3
+    backoff_base: float = 1.0
+    backoff_cap: float = 10.0
+    fetch_deadline: float = 30.0
+    attempt_timeout: float = 10.0
+    auth_failure_cooldown: float = 10.0
+    lock_lease: float = 60.0
+    lock_wait: float | None = None
+    lock_poll_interval: float = 0.01
+    backend_retry_interval: float = 1.0
+    clock_check_interval: float = 1.0
+    strict: bool = False
+
+    def __post_init__(self) -> None:
+        problems = tuning_problems(self)
+        if problems:
+            raise ConfigurationError(
+                "invalid tuning: " + "; ".join(f"{name}: {why}" for name, why in problems)
+            )
+
+    @property
+    def effective_lock_wait(self) -> float:
+        return self.fetch_deadline + 1.0 if self.lock_wait is None else self.lock_wait
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
+    """Every invalid option of ``tuning`` as (name, reason); empty when all are fine."""
+    problems: list[tuple[str, str]] = []
+    for f in fields(tuning):
+        value = getattr(tuning, f.name)
+        if f.name == "strict":
+            if not isinstance(value, bool):
+                problems.append((f.name, "must be true or false"))
+        elif f.name == "attempts":
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                problems.append((f.name, "must be a whole number of at least 1"))
+        elif f.name == "lock_wait" and value is None:
+            continue
+        elif not _is_number(value):
+            problems.append((f.name, "must be a finite number of seconds"))
+        elif f.name in ("safety_margin", "refresh_jitter", "backoff_base") and value < 0:
+            problems.append((f.name, "must not be negative"))
+        elif f.name not in ("safety_margin", "refresh_jitter", "backoff_base") and value <= 0:
+            problems.append((f.name, "must be greater than 0"))
+    if not problems and tuning.backoff_cap < tuning.backoff_base:
+        problems.append(("backoff_cap", "must be at least backoff_base"))
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTiming:
+    """The wall-clock moments that govern one cached token in this process."""
+
+    usable_until: float  # expires_at - safety margin: never handed out after this
+    refresh_at: float  # expires_at - refresh window - jitter: start a background refresh
+    min_gap: float  # seconds between two refresh attempts of this token
+
+
+def plan_token(token: Token, tuning: Tuning, now: float, rng: random.Random) -> TokenTiming:
+    """Draw the timing of ``token``: margin, refresh moment (with jitter), minimum gap."""
+    lifetime = token.lifetime if token.lifetime > 0 else max(token.expires_at - now, 0.0)
+    margin = min(tuning.safety_margin, 0.25 * lifetime)
+    window = min(tuning.refresh_window, 0.5 * lifetime)
+    jitter = rng.uniform(0.0, min(tuning.refresh_jitter, 0.1 * lifetime))
+    return TokenTiming(
+        usable_until=token.expires_at - margin,
+        refresh_at=token.expires_at - window - jitter,
+        min_gap=max(min(tuning.min_refresh_gap, 0.1 * lifetime), 0.001),
+    )

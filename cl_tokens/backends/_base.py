@@ -1,0 +1,192 @@
+"""The shared-cache strategy: the ``TokenBackend`` base class, its URL registry and factory.
+
+A backend stores tokens under opaque keys (``cl_tokens:v1:<hash>``, never a secret),
+deletes one only if it still holds a given access token, and offers a cross-process
+lock with a lease. To add one (memcached, a database...): subclass ``TokenBackend``,
+set ``schemes``, implement the five abstract methods, and run the contract suite
+(``tests/backend_contract.py``) against it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+from .._errors import BackendError, ConfigurationError
+from .._token import Token
+
+__all__ = ["BackendURL", "LockHandle", "TokenBackend", "backend_from_url", "known_schemes"]
+
+_REGISTRY: dict[str, type[TokenBackend]] = {}
+
+
+@dataclass(frozen=True)
+class BackendURL:
+    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``."""
+
+    raw: str = field(repr=False)
+    scheme: str
+    host: str | None
+    port: int | None
+    path: str
+    username: str | None
+    password: str | None = field(repr=False)
+    query: dict[str, str]
+
+    @classmethod
+    def parse(cls, url: str) -> BackendURL:
+        parts = urlsplit(url)
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigurationError(f"backend URL has an invalid port: {redact_url(url)}") from None
+        return cls(
+            raw=url,
+            scheme=parts.scheme.lower(),
+            host=parts.hostname,
+            port=port,
+            path=unquote(parts.path),
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+            query=dict(parse_qsl(parts.query)),
+        )
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***`` (for messages and repr)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    userinfo = netloc[0].split(":", 1)[0]
+    return parts._replace(netloc=f"{userinfo}:***@{netloc[1]}").geturl()
+
+
+@dataclass(frozen=True)
+class LockHandle:
+    """Proof of holding a backend lock: the key and a random owner value."""
+
+    key: str
+    owner: str
+    extra: Any = field(default=None, compare=False)
+
+
+class TokenBackend(ABC):
+    """Where tokens are shared between managers, processes and machines.
+
+    Subclasses implement ``get``, ``set``, ``delete``, ``acquire_lock`` and
+    ``release_lock`` (and ``aclose`` if they hold resources), and list their URL schemes
+    in ``schemes`` to be built by ``backend_from_url``. Each method raises
+    ``BackendError`` (keeping the original as ``__cause__``) when the store fails; a
+    miss is ``None``, never an error.
+    """
+
+    schemes: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for scheme in cls.__dict__.get("schemes", ()):
+            _REGISTRY[scheme] = cls
+
+    @classmethod
+    def from_url(cls, url: BackendURL, **options: Any) -> TokenBackend:
+        """Build the backend from a parsed URL; subclasses with ``schemes`` override it."""
+        raise ConfigurationError(f"{cls.__name__} cannot be built from a URL")
+
+    @abstractmethod
+    async def get(self, key: str) -> Token | None:
+        """The token stored under ``key``, or None (missing, expired or unreadable)."""
+
+    @abstractmethod
+    async def set(self, key: str, token: Token) -> None:
+        """Store ``token`` under ``key`` until ``token.expires_at``."""
+
+    @abstractmethod
+    async def delete(self, key: str, access_token: str | None = None) -> bool:
+        """Delete ``key``; with ``access_token``, only if it still holds that token.
+
+        Returns whether something was deleted.
+        """
+
+    @abstractmethod
+    async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
+        """Try once, without waiting, to take the lock on ``key`` for ``lease`` seconds.
+
+        Returns a handle, or None if another holder has it.
+        """
+
+    @abstractmethod
+    async def release_lock(self, handle: LockHandle) -> None:
+        """Release a lock taken by ``acquire_lock``, only if this holder still owns it."""
+
+    async def aclose(self) -> None:  # noqa: B027 - a backend without resources needs none
+        """Release the backend's resources (connections, file handles)."""
+
+    @asynccontextmanager
+    async def lock(
+        self, key: str, *, lease: float = 60.0, timeout: float = 31.0, poll: float = 0.01
+    ) -> AsyncIterator[LockHandle]:
+        """Hold the lock on ``key``: wait up to ``timeout`` seconds for it.
+
+        Raises ``BackendError`` if it does not come in time. Waiting polls
+        ``acquire_lock`` every ``poll`` seconds (with jitter) and never blocks the loop.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            handle = await self.acquire_lock(key, lease=lease)
+            if handle is not None:
+                break
+            if time.monotonic() >= deadline:
+                raise BackendError(f"timed out after {timeout:g} s waiting for the lock on {key}")
+            await asyncio.sleep(poll * random.uniform(0.5, 1.5))
+        try:
+            yield handle
+        finally:
+            await self.release_lock(handle)
+
+    async def __aenter__(self) -> TokenBackend:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+
+def known_schemes() -> list[str]:
+    """Every registered URL scheme, sorted."""
+    return sorted(_REGISTRY)
+
+
+def backend_from_url(url: str, **options: Any) -> TokenBackend:
+    """Build a backend from a URL such as ``memory://``, ``file:///var/cache/cl-tokens``
+    or ``redis://localhost:6379/0``.
+
+    Raises:
+        ConfigurationError: the URL is not a string, or its scheme is unknown (the
+            message lists the known ones).
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigurationError(
+            f"backend must be a URL such as memory://, file:///path or redis://host:6379/0, "
+            f"not {redact_url(url) if isinstance(url, str) else type(url).__name__!r}"
+        )
+    parsed = BackendURL.parse(url)
+    cls = _REGISTRY.get(parsed.scheme)
+    if cls is None:
+        raise ConfigurationError(
+            f"unknown backend scheme {parsed.scheme!r} in {redact_url(url)!r}; "
+            f"known schemes: {', '.join(known_schemes())}"
+        )
+    return cls.from_url(parsed, **options)
