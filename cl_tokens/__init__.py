@@ -1,7 +1,7 @@
 """cl_tokens: get, cache and share OAuth2 access tokens for the Commerce Layer APIs.
 
-    async with TokenManager(client_id, client_secret, scope="market:code:europe") as manager:
-        headers = await manager.header()
+async with TokenManager(client_id, client_secret, scope="market:code:europe") as manager:
+    headers = await manager.header()
 """
 
 from ._clock import Clock, SystemClock
@@ -18,11 +18,11 @@ from ._tuning import Tuning
 from ._version import __version__
 
 __all__ = [
+    "DEFAULT_AUTH_URL",
     "AuthenticationError",
     "BackendError",
     "Clock",
     "ConfigurationError",
-    "DEFAULT_AUTH_URL",
     "SystemClock",
     "Token",
     "TokenClaims",

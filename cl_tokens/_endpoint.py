@@ -98,7 +98,9 @@ class TokenEndpoint:
         """One POST to the token endpoint, answered within ``timeout`` seconds."""
         session = await self._session()
         body = self.body(scope)
-        payload: dict[str, Any] = {"json": body} if self._body_encoding == "json" else {"data": body}
+        payload: dict[str, Any] = (
+            {"json": body} if self._body_encoding == "json" else {"data": body}
+        )
         sent_at = self._clock.time()
         try:
             async with session.post(
@@ -128,7 +130,9 @@ class TokenEndpoint:
 
     def _token_from(self, raw: bytes, scope: str | None, sent_at: float) -> Token:
         def malformed(why: str) -> TokenEndpointError:
-            return TokenEndpointError(f"token endpoint sent a malformed response: {why}", status=200)
+            return TokenEndpointError(
+                f"token endpoint sent a malformed response: {why}", status=200
+            )
 
         try:
             data = json.loads(raw)

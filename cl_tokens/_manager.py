@@ -29,7 +29,7 @@ from ._retry import with_retries
 from ._shared import UNAVAILABLE, SharedTier
 from ._singleflight import SingleFlight
 from ._token import Token, fingerprint
-from ._tuning import Tuning, TokenTiming, plan_token
+from ._tuning import TokenTiming, Tuning, plan_token
 from ._version import __version__
 from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
@@ -404,7 +404,11 @@ class TokenManager:
             self._drop(key)
         token = await self._flights.run(key, partial(self._obtain, key, scope, None))
         entry = self._entries.get(key)
-        if entry is not None and entry.token is token and self._clock.time() < entry.timing.refresh_at:
+        if (
+            entry is not None
+            and entry.token is token
+            and self._clock.time() < entry.timing.refresh_at
+        ):
             self._promote(scope_arg, entry)
         return token
 
@@ -550,11 +554,11 @@ class TokenManager:
     def _resolve(self, scope_arg: object) -> tuple[str, str | None]:
         """(cache key, scope) for a scope argument, validated once and remembered."""
         try:
-            known = self._keys.get(scope_arg)  # type: ignore[arg-type]
+            known = self._keys.get(scope_arg)  # type: ignore[call-overload]
         except TypeError:
             known = None
         if known is not None:
-            return known
+            return known  # type: ignore[no-any-return]
         if scope_arg is None:
             scope = self._scope
         elif isinstance(scope_arg, str) and scope_arg.strip() == scope_arg and scope_arg:
@@ -626,8 +630,12 @@ class TokenManager:
                         self._retire(entry)
         finally:
             # The loop is ending (or the manager closing): its timers die with it, so the
-            # hot tier must not outlive them.
+            # hot tier must not outlive them, and its connections must be closed now,
+            # while the loop can still run the closing.
             self._clear_hot()
+            session, self._own_session = self._own_session, None
+            if session is not None:
+                await session.close()
 
     # -- event loop and resources ------------------------------------------------------
 

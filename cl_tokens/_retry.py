@@ -31,7 +31,7 @@ def backoff_delay(attempt: int, *, base: float, cap: float, rng: random.Random) 
     an immediate retry against an endpoint that is rate limited, yet retries of many
     clients still spread out.
     """
-    ceiling = min(cap, base * 2 ** (attempt - 1))
+    ceiling = min(cap, base * 2.0 ** (attempt - 1))
     return ceiling / 2 + rng.uniform(0.0, ceiling / 2)
 
 

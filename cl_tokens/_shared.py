@@ -55,8 +55,12 @@ class SharedTier:
         try:
             result = await call
         except Exception as exc:
-            error = exc if isinstance(exc, BackendError) else BackendError(
-                f"{type(self.backend).__name__} failed to {what}: {type(exc).__name__}"
+            error = (
+                exc
+                if isinstance(exc, BackendError)
+                else BackendError(
+                    f"{type(self.backend).__name__} failed to {what}: {type(exc).__name__}"
+                )
             )
             if self._strict:
                 if error is exc:
@@ -88,7 +92,7 @@ class SharedTier:
         result = await self._call(self.backend.delete(key, access_token), "delete a token")
         return False if isinstance(result, _Unavailable) else result
 
-    async def acquire(self, key: str, lease: float) -> LockHandle | None | _Unavailable:
+    async def acquire(self, key: str, lease: float) -> LockHandle | _Unavailable | None:
         return await self._call(self.backend.acquire_lock(key, lease=lease), "take a lock")
 
     async def release(self, handle: LockHandle) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 from ._errors import ConfigurationError
 from ._token import Token
 
-__all__ = ["Tuning", "TokenTiming", "plan_token"]
+__all__ = ["TokenTiming", "Tuning", "plan_token"]
 
 # Commerce Layer hands out a new token only in the last 15 minutes of the old one's life;
 # a refresh earlier than that gets the same token back.

@@ -47,7 +47,9 @@ class BackendURL:
         try:
             port = parts.port
         except ValueError:
-            raise ConfigurationError(f"backend URL has an invalid port: {redact_url(url)}") from None
+            raise ConfigurationError(
+                f"backend URL has an invalid port: {redact_url(url)}"
+            ) from None
         return cls(
             raw=url,
             scheme=parts.scheme.lower(),

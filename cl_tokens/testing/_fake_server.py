@@ -146,7 +146,8 @@ class FakeAuthServer:
         site = web.TCPSite(self._runner, self._host, self._port, backlog=4096)
         await site.start()
         server = site._server
-        assert server is not None and isinstance(server, asyncio.base_events.Server)
+        assert server is not None
+        assert isinstance(server, asyncio.base_events.Server)
         port = server.sockets[0].getsockname()[1]
         self.base_url = f"http://{self._host}:{port}"
         return self
@@ -211,8 +212,7 @@ class FakeAuthServer:
     def is_live(self, access_token: str) -> bool:
         """Whether the fake API accepts ``access_token``: issued, unrevoked, unexpired."""
         return (
-            access_token not in self.revoked
-            and self._expiry.get(access_token, 0.0) > time.time()
+            access_token not in self.revoked and self._expiry.get(access_token, 0.0) > time.time()
         )
 
     # -- handlers ----------------------------------------------------------------------
@@ -274,9 +274,15 @@ class FakeAuthServer:
         body = recorded.body
         if body.get("grant_type") != "client_credentials":
             return _cl_error(
-                400, "BAD_REQUEST", "unsupported_grant_type", "grant_type must be client_credentials"
+                400,
+                "BAD_REQUEST",
+                "unsupported_grant_type",
+                "grant_type must be client_credentials",
             )
-        if body.get("client_id") != self.client_id or body.get("client_secret") != self.client_secret:
+        if (
+            body.get("client_id") != self.client_id
+            or body.get("client_secret") != self.client_secret
+        ):
             return web.json_response({"errors": [_UNAUTHORIZED]}, status=401)
         return None
 
@@ -293,7 +299,9 @@ class FakeAuthServer:
         self.issued.append(access_token)
         return self._answer(access_token, scope, self.expires_in, now)
 
-    def _answer(self, access_token: str, scope: str | None, left: float, now: float) -> dict[str, Any]:
+    def _answer(
+        self, access_token: str, scope: str | None, left: float, now: float
+    ) -> dict[str, Any]:
         return {
             "access_token": access_token,
             "token_type": "Bearer",
@@ -360,7 +368,10 @@ class FakeAuthServer:
         self.revoke_requests += 1
         recorded = await self._record(request)
         body = recorded.body
-        if body.get("client_id") != self.client_id or body.get("client_secret") != self.client_secret:
+        if (
+            body.get("client_id") != self.client_id
+            or body.get("client_secret") != self.client_secret
+        ):
             return web.json_response({"errors": [_UNAUTHORIZED]}, status=401)
         token = body.get("token")
         if isinstance(token, str):
