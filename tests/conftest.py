@@ -35,3 +35,9 @@ async def make_manager(server: FakeAuthServer) -> AsyncIterator[Callable[..., To
     yield make
     for manager in made:
         await manager.aclose()
+
+
+# Redis fixtures (redis_url, redis_key_prefix, redis_server) live with their helpers.
+from redis_support import redis_key_prefix, redis_server, redis_url  # noqa: E402
+
+__all__ = ["make_manager", "redis_key_prefix", "redis_server", "redis_url", "server"]

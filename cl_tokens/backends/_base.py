@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 from .._errors import BackendError, ConfigurationError
@@ -26,6 +26,7 @@ from .._token import Token
 __all__ = ["BackendURL", "LockHandle", "TokenBackend", "backend_from_url", "known_schemes"]
 
 _REGISTRY: dict[str, type[TokenBackend]] = {}
+_B = TypeVar("_B", bound="TokenBackend")
 
 
 @dataclass(frozen=True)
@@ -154,7 +155,7 @@ class TokenBackend(ABC):
         finally:
             await self.release_lock(handle)
 
-    async def __aenter__(self) -> TokenBackend:
+    async def __aenter__(self: _B) -> _B:
         return self
 
     async def __aexit__(

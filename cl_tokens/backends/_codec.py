@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Union
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from .._errors import ConfigurationError
 from .._token import Token
@@ -23,7 +23,7 @@ __all__ = ["EncryptionKey", "FernetCodec", "JSONCodec", "make_codec"]
 
 #: One Fernet key (url-safe base64 of 32 bytes), or several: the first encrypts, all
 #: decrypt, so keys can be rotated without losing the tokens already stored.
-EncryptionKey = Union[str, bytes, Sequence[Union[str, bytes]]]
+EncryptionKey: TypeAlias = str | bytes | Sequence[str | bytes]
 
 _VERSION = 1
 

@@ -141,7 +141,10 @@ class FakeAuthServer:
         app.router.add_post("/oauth/token", self._token)
         app.router.add_post("/oauth/revoke", self._revoke)
         app.router.add_route("*", "/api/{tail:.*}", self._api)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        # Held requests (delay_next) must not hold up the shutdown of a test.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=0.5
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port, backlog=4096)
         await site.start()

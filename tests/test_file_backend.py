@@ -1,0 +1,275 @@
+"""FileBackend beyond the contract: damaged files, permissions, atomic writes, dead holders."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from backend_contract import make_token
+from cryptography.fernet import Fernet
+
+from cl_tokens import BackendError, ConfigurationError
+from cl_tokens.backends import FileBackend, backend_from_url
+from cl_tokens.backends._codec import FernetCodec, JSONCodec, make_codec
+from cl_tokens.backends._file import _stem
+
+ROOT = Path(__file__).resolve().parent.parent
+KEY = "cl_tokens:v1:0123abcd"
+FILE = "cl_tokens.v1.0123abcd.json"
+
+
+@pytest.fixture
+async def backend(tmp_path: Path) -> AsyncIterator[FileBackend]:
+    backend = FileBackend(tmp_path / "a" / "b")
+    async with backend:
+        yield backend
+
+
+def _valid_bytes() -> bytes:
+    return JSONCodec().encode(make_token())
+
+
+DAMAGED = {
+    "empty": b"",
+    "truncated": _valid_bytes()[:40],
+    "binary": b"\x00\xff\xfe garbage \x80",
+    "not-an-object": b"[1, 2, 3]",
+    "unknown-version": b'{"v": 99, "token": {"access_token": "x", "expires_at": 1e12}}',
+    "no-access-token": b'{"v": 1, "token": {"expires_at": 1e12}}',
+    "deep-nesting": b"[" * 100_000,
+    "encrypted-elsewhere": FernetCodec(Fernet.generate_key()).encode(make_token()),
+}
+
+
+@pytest.mark.parametrize("data", list(DAMAGED.values()), ids=list(DAMAGED))
+async def test_damaged_file_is_a_miss_then_overwritten(backend: FileBackend, data: bytes) -> None:
+    backend.directory.mkdir(parents=True)
+    (backend.directory / FILE).write_bytes(data)
+    assert await backend.get(KEY) is None
+    assert await backend.delete(KEY, "whatever") is False
+    token = make_token()
+    await backend.set(KEY, token)
+    assert await backend.get(KEY) == token
+
+
+async def test_file_names_are_readable_and_distinct(backend: FileBackend) -> None:
+    await backend.set(KEY, make_token())
+    assert (backend.directory / FILE).is_file()
+    keys = ["a:b", "a_b", "a.b", "a/b", "../x", "a%3Ab", ":lock", "é", "x" * 300, "y" * 300]
+    stems = {_stem(key) for key in keys}
+    assert len(stems) == len(keys)
+    assert all("/" not in s and s not in ("", ".", "..") and len(s) < 250 for s in stems)
+    for key in keys:
+        await backend.set(key, make_token(access=f"tok-{key}"))
+    for key in keys:
+        stored = await backend.get(key)
+        assert stored is not None
+        assert stored.access_token == f"tok-{key}"
+    assert {p.parent for p in backend.directory.iterdir()} == {backend.directory}
+
+
+async def test_modes_are_private(backend: FileBackend) -> None:
+    await backend.set(KEY, make_token())
+    handle = await backend.acquire_lock(KEY, lease=10)
+    assert handle is not None
+    await backend.release_lock(handle)
+    await backend.delete(KEY, "other")  # creates the mutex file
+    assert stat.S_IMODE(backend.directory.stat().st_mode) == 0o700
+    for path in backend.directory.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+async def test_writes_leave_no_temporary_files(backend: FileBackend) -> None:
+    await asyncio.gather(*(backend.set(KEY, make_token()) for _ in range(30)))
+    names = {p.name for p in backend.directory.iterdir()}
+    assert names == {FILE, FILE.replace(".json", ".mutex")}
+    assert await backend.get(KEY) is not None
+
+
+async def test_failed_write_keeps_the_old_token_and_no_temp_file(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old = make_token()
+    await backend.set(KEY, old)
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(BackendError) as caught:
+        await backend.set(KEY, make_token())
+    assert isinstance(caught.value.__cause__, OSError)
+    monkeypatch.undo()
+    assert await backend.get(KEY) == old
+    assert not [p for p in backend.directory.iterdir() if p.name.endswith(".tmp")]
+
+
+async def test_missing_directory_is_a_miss(backend: FileBackend) -> None:
+    assert not backend.directory.exists()
+    assert await backend.get(KEY) is None
+    assert await backend.delete(KEY) is False
+    assert await backend.delete(KEY, "token") is False
+    assert not backend.directory.exists()
+
+
+async def test_os_errors_become_backend_errors(backend: FileBackend) -> None:
+    (backend.directory / FILE).mkdir(parents=True)  # a directory where the file goes
+    with pytest.raises(BackendError, match="could not read") as caught:
+        await backend.get(KEY)
+    assert isinstance(caught.value.__cause__, IsADirectoryError)
+    with pytest.raises(BackendError, match="could not write"):
+        await backend.set(KEY, make_token())
+
+
+async def test_same_process_acquires_conflict(tmp_path: Path) -> None:
+    first, second = FileBackend(tmp_path), FileBackend(tmp_path)
+    handle = await first.acquire_lock(KEY, lease=10)
+    assert handle is not None
+    assert await second.acquire_lock(KEY, lease=10) is None
+    assert await first.acquire_lock(KEY, lease=10) is None
+    await second.release_lock(handle)  # another instance's handle: not its lock
+    assert await second.acquire_lock(KEY, lease=10) is None
+    await first.release_lock(handle)
+    taken = await second.acquire_lock(KEY, lease=10)
+    assert taken is not None
+    await second.aclose()  # closing drops the locks it holds
+    again = await first.acquire_lock(KEY, lease=10)
+    assert again is not None
+    await first.aclose()
+
+
+async def test_cancelled_acquire_leaves_the_key_unlocked(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = backend._ensure_dir
+
+    def slow_ensure_dir() -> None:
+        time.sleep(0.3)
+        real()
+
+    monkeypatch.setattr(backend, "_ensure_dir", slow_ensure_dir)
+    task = asyncio.create_task(backend.acquire_lock(KEY, lease=10))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)  # the abandoned thread takes the lock, then drops it
+    monkeypatch.undo()
+    handle = await backend.acquire_lock(KEY, lease=10)
+    assert handle is not None
+    await backend.release_lock(handle)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import asyncio, sys, time
+    from cl_tokens.backends import FileBackend
+
+    async def main():
+        handle = await FileBackend(sys.argv[1]).acquire_lock(sys.argv[2], lease=1)
+        print("locked" if handle else "busy", flush=True)
+        time.sleep(120)
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+async def test_lock_is_released_when_the_holder_is_killed(backend: FileBackend) -> None:
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    holder = subprocess.Popen(  # noqa: ASYNC220 - starting it is quick; waits go to threads
+        [sys.executable, "-c", HOLDER, str(backend.directory), KEY],
+        stdout=subprocess.PIPE,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": path},
+    )
+    try:
+        assert holder.stdout is not None
+        line = await asyncio.to_thread(holder.stdout.readline)
+        assert line.strip() == b"locked"
+        await asyncio.sleep(1.5)  # past the holder's lease: the lease is not what frees it
+        assert await backend.acquire_lock(KEY, lease=10) is None
+        os.kill(holder.pid, signal.SIGKILL)
+        await asyncio.to_thread(holder.wait, 10)
+        handle = await backend.acquire_lock(KEY, lease=10)
+        assert handle is not None
+        await backend.release_lock(handle)
+    finally:
+        holder.kill()
+        holder.wait()
+        if holder.stdout is not None:
+            holder.stdout.close()
+
+
+async def test_encrypted_round_trip_and_wrong_key(tmp_path: Path) -> None:
+    key, other = Fernet.generate_key(), Fernet.generate_key()
+    token = make_token()
+    async with FileBackend(tmp_path, encryption_key=key) as sealed:
+        await sealed.set(KEY, token)
+        assert await sealed.get(KEY) == token
+    raw = (tmp_path / FILE).read_bytes()
+    assert token.access_token.encode() not in raw
+    assert b"access_token" not in raw
+    assert await FileBackend(tmp_path).get(KEY) is None
+    wrong = FileBackend(tmp_path, encryption_key=other)
+    assert await wrong.get(KEY) is None
+    assert await wrong.delete(KEY, token.access_token) is False
+    # Rotation: the new key first, the old one still decrypts.
+    rotated = FileBackend(tmp_path, encryption_key=[other, key.decode()])
+    assert await rotated.get(KEY) == token
+    assert await rotated.delete(KEY, token.access_token) is True
+
+
+def test_from_url(tmp_path: Path) -> None:
+    key = Fernet.generate_key()
+    backend = backend_from_url(f"file://{tmp_path}/tokens", encryption_key=key)
+    assert isinstance(backend, FileBackend)
+    assert backend.directory == tmp_path / "tokens"
+    assert repr(backend) == f"FileBackend(directory={str(tmp_path / 'tokens')!r}, encrypted=True)"
+    assert key.decode() not in repr(backend)
+    assert isinstance(backend_from_url(f"file://localhost{tmp_path}"), FileBackend)
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file://relative/dir", "file:///", "file://", "file:///x?encryption_key=c2VjcmV0LWtleQ=="],
+)
+def test_bad_file_urls(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        backend_from_url(url)
+    assert "c2VjcmV0LWtleQ" not in str(caught.value)
+
+
+def test_codec_never_raises_on_junk() -> None:
+    codecs = [JSONCodec(), make_codec(Fernet.generate_key())]
+    samples = [*DAMAGED.values(), os.urandom(64), b"gAAAAA" + os.urandom(80), b"\xff" * 10]
+    for codec in codecs:
+        for data in samples:
+            assert codec.decode(data) is None
+
+
+def test_bad_encryption_key_is_a_configuration_error() -> None:
+    with pytest.raises(ConfigurationError, match="not a Fernet key") as caught:
+        FileBackend("/tmp/x", encryption_key="c2VjcmV0LWtleQ==")
+    assert "c2VjcmV0LWtleQ" not in str(caught.value)
+    with pytest.raises(ConfigurationError, match="empty"):
+        FileBackend("/tmp/x", encryption_key=[])
+
+
+def test_missing_cryptography_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [m for m in sys.modules if m == "cryptography" or m.startswith("cryptography.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "cryptography", None)
+    with pytest.raises(ConfigurationError, match=r"pip install 'cl-tokens\[encryption\]'"):
+        FileBackend("/tmp/x", encryption_key="anything")
+    assert isinstance(FileBackend("/tmp/x"), FileBackend)
