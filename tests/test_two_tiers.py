@@ -1,0 +1,196 @@
+"""The manager over its shared backend: two tiers, sharing, faults, strict mode."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import stat
+from pathlib import Path
+
+import pytest
+
+from cl_tokens import BackendError, ConfigurationError, Token, TokenManager
+from cl_tokens.backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
+from cl_tokens.testing import FakeAuthServer
+
+
+class CountingBackend(MemoryBackend):
+    """A memory backend that counts every call the manager makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    async def get(self, key: str) -> Token | None:
+        self.calls += 1
+        return await super().get(key)
+
+    async def set(self, key: str, token: Token) -> None:
+        self.calls += 1
+        await super().set(key, token)
+
+    async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
+        self.calls += 1
+        return await super().acquire_lock(key, lease=lease)
+
+
+class BrokenBackend(MemoryBackend):
+    """A backend whose store is down: every call raises its own client's error."""
+
+    async def get(self, key: str) -> Token | None:
+        raise ConnectionRefusedError("store is down")
+
+    async def set(self, key: str, token: Token) -> None:
+        raise ConnectionRefusedError("store is down")
+
+    async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
+        raise ConnectionRefusedError("store is down")
+
+
+async def test_a_warm_header_makes_zero_backend_calls(server: FakeAuthServer) -> None:
+    backend = CountingBackend()
+    async with TokenManager(
+        server.client_id, server.client_secret, auth_url=server.url, backend=backend
+    ) as manager:
+        await manager.header()
+        cold_calls = backend.calls
+        assert cold_calls > 0
+        for _ in range(1000):
+            await manager.header()
+            await manager.token()
+        assert backend.calls == cold_calls
+
+
+async def test_managers_given_one_memory_backend_share_tokens(server: FakeAuthServer) -> None:
+    shared = MemoryBackend()
+    managers = [
+        TokenManager(server.client_id, server.client_secret, auth_url=server.url, backend=shared)
+        for _ in range(5)
+    ]
+    headers = await asyncio.gather(*(m.header() for m in managers for _ in range(20)))
+    assert server.token_requests == 1
+    assert len({h["Authorization"] for h in headers}) == 1
+    for manager in managers:
+        await manager.aclose()
+
+
+async def test_memory_urls_give_each_manager_its_own_store(server: FakeAuthServer) -> None:
+    for _ in range(2):
+        async with TokenManager(
+            server.client_id, server.client_secret, auth_url=server.url, backend="memory://"
+        ) as manager:
+            await manager.header()
+    assert server.token_requests == 2
+
+
+async def test_a_corrupt_token_file_costs_one_fetch_and_is_repaired(
+    server: FakeAuthServer, tmp_path: Path
+) -> None:
+    url = f"file://{tmp_path}/cache"
+    async with TokenManager(
+        server.client_id, server.client_secret, auth_url=server.url, backend=url
+    ) as manager:
+        await manager.header()
+    (token_file,) = (tmp_path / "cache").glob("*.json")
+    token_file.write_text('{"v": 1, "token": {"access_tok')  # truncated mid-write
+    managers = [
+        TokenManager(server.client_id, server.client_secret, auth_url=server.url, backend=url)
+        for _ in range(3)
+    ]
+    headers = await asyncio.gather(*(m.header() for m in managers for _ in range(10)))
+    for manager in managers:
+        await manager.aclose()
+    assert server.token_requests == 2
+    assert {h["Authorization"] for h in headers} == {f"Bearer {server.issued[1]}"}
+    repaired = json.loads(token_file.read_text())
+    assert repaired["token"]["access_token"] == server.issued[1]
+    assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "cache").stat().st_mode) == 0o700
+    stored = "".join(p.read_text(errors="replace") for p in (tmp_path / "cache").iterdir())
+    assert server.client_secret is not None
+    assert server.client_secret not in stored
+    assert server.client_secret not in token_file.name
+
+
+async def test_a_broken_backend_costs_one_warning_and_no_failed_call(
+    server: FakeAuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    async with TokenManager(
+        server.client_id,
+        server.client_secret,
+        auth_url=server.url,
+        backend=BrokenBackend(),
+        backend_retry_interval=60,
+    ) as manager:
+        for _ in range(3):
+            token = await manager.token()
+            await manager.invalidate(token.access_token)
+        await manager.header()
+    assert server.token_requests == 4
+    warnings = [r for r in caplog.records if "failed to" in r.getMessage()]
+    assert len(warnings) == 1
+    assert "ConnectionRefusedError" in warnings[0].getMessage()
+
+
+async def test_strict_mode_raises_backend_error_with_the_cause(server: FakeAuthServer) -> None:
+    async with TokenManager(
+        server.client_id,
+        server.client_secret,
+        auth_url=server.url,
+        backend=BrokenBackend(),
+        strict=True,
+    ) as manager:
+        with pytest.raises(BackendError) as info:
+            await manager.header()
+    assert isinstance(info.value.__cause__, ConnectionRefusedError)
+    assert server.token_requests == 0
+
+
+async def test_a_lock_nobody_releases_is_waited_out_then_fetched_around(
+    server: FakeAuthServer,
+) -> None:
+    backend = MemoryBackend()
+    async with TokenManager(
+        server.client_id,
+        server.client_secret,
+        auth_url=server.url,
+        backend=backend,
+        lock_wait=0.3,
+    ) as manager:
+        from cl_tokens._keys import cache_key
+
+        held = await backend.acquire_lock(cache_key(server.url, server.client_id, None), lease=60)
+        assert held is not None
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await manager.header()
+        assert 0.25 <= loop.time() - started < 2
+    assert server.token_requests == 1
+
+
+def test_an_unknown_backend_scheme_names_the_known_ones() -> None:
+    with pytest.raises(ConfigurationError) as info:
+        backend_from_url("memcached://localhost:11211")
+    for scheme in ("file", "memory", "redis", "rediss"):
+        assert scheme in str(info.value)
+    with pytest.raises(ConfigurationError, match="backend"):
+        TokenManager("id", "secret", backend="nonsense")
+
+
+def test_a_third_party_backend_registers_its_scheme() -> None:
+    class DictBackend(MemoryBackend):
+        schemes = ("test-dict",)
+
+        @classmethod
+        def from_url(cls, url, **options):  # type: ignore[no-untyped-def]
+            return cls()
+
+    try:
+        assert isinstance(backend_from_url("test-dict://"), DictBackend)
+        assert isinstance(DictBackend(), TokenBackend)
+    finally:
+        from cl_tokens.backends import _base
+
+        del _base._REGISTRY["test-dict"]
