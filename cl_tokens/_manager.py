@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
@@ -332,24 +332,33 @@ class TokenManager:
         await self.invalidate(token.access_token, scope)
         return True
 
-    def aiohttp_middleware(self, *, scope: str | None = None) -> TokenMiddleware:
+    def aiohttp_middleware(
+        self, *, scope: str | None = None, hosts: Iterable[str] = ()
+    ) -> TokenMiddleware:
         """An aiohttp (>= 3.12) client middleware: ``ClientSession(middlewares=[...])``.
 
         It adds the Authorization header and, on a 401 from the API, invalidates exactly
         the token it sent and retries the request once with a fresh one.
+
+        Args:
+            scope: the scope of the tokens it sends (the manager's default when None).
+            hosts: extra hosts that may receive the token (``api.example.com`` or
+                ``*.example.com``), beyond https ``*.commercelayer.io`` and the
+                auth_url's origin.
         """
         from ._aiohttp_middleware import TokenMiddleware
 
-        return TokenMiddleware(self, scope=scope)
+        return TokenMiddleware(self, scope=scope, hosts=hosts)
 
-    def httpx_auth(self, *, scope: str | None = None) -> TokenAuth:
+    def httpx_auth(self, *, scope: str | None = None, hosts: Iterable[str] = ()) -> TokenAuth:
         """An ``httpx.Auth`` for ``httpx.AsyncClient`` with the middleware's behaviour.
 
-        Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``.
+        Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``. Arguments as for
+        ``aiohttp_middleware``.
         """
         from ._httpx_auth import TokenAuth
 
-        return TokenAuth(self, scope=scope)
+        return TokenAuth(self, scope=scope, hosts=hosts)
 
     async def aclose(self) -> None:
         """Cancel and await background work; close the session and backend it owns."""

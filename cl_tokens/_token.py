@@ -72,6 +72,54 @@ class TokenClaims:
             return float(value)
         return None
 
+    @staticmethod
+    def _is_host_name(text: str) -> bool:
+        """Whether ``text`` is dot-separated ASCII labels of letters, digits and hyphens."""
+        labels = text.split(".")
+        return all(
+            label
+            and label.isascii()
+            and label.replace("-", "").isalnum()
+            and not label.startswith("-")
+            and not label.endswith("-")
+            for label in labels
+        )
+
+    @property
+    def _api_domain(self) -> str:
+        """The domain of the Commerce Layer APIs that issued the token.
+
+        Taken from an ``iss`` of the form ``https://auth.<domain>`` (as Commerce Layer's
+        own js-auth does), else ``commercelayer.io``: old tokens carry
+        ``https://commercelayer.io`` or no ``iss`` at all, and test servers a loopback one.
+        """
+        iss = self.iss
+        prefix = "https://auth."
+        if iss is not None and iss.startswith(prefix):
+            domain = iss[len(prefix) :].rstrip("/").lower()
+            if self._is_host_name(domain) and "." in domain:
+                return domain
+        return "commercelayer.io"
+
+    @property
+    def core_api_url(self) -> str | None:
+        """The Core API base URL, ``https://<organization slug>.commercelayer.io``.
+
+        None when the token names no organization (e.g. a provisioning token) or its
+        slug is not a plain host label.
+        """
+        slug = self.organization_slug
+        # The slug becomes part of a host name: anything but a plain label would let the
+        # token steer requests (and their Authorization header) somewhere else.
+        if slug is None or "." in slug or not self._is_host_name(slug):
+            return None
+        return f"https://{slug.lower()}.{self._api_domain}"
+
+    @property
+    def provisioning_api_url(self) -> str:
+        """The Provisioning API base URL, ``https://provisioning.commercelayer.io``."""
+        return f"https://provisioning.{self._api_domain}"
+
 
 def decode_claims(access_token: str) -> TokenClaims | None:
     """Decode a JWT's payload without verifying it; None for an opaque token."""
@@ -136,6 +184,18 @@ class Token:
     def claims(self) -> TokenClaims | None:
         """The decoded (unverified) JWT payload, or None for an opaque token."""
         return decode_claims(self.access_token)
+
+    @property
+    def core_api_url(self) -> str | None:
+        """``claims.core_api_url``: None for an opaque token or one without organization."""
+        claims = self.claims
+        return claims.core_api_url if claims is not None else None
+
+    @property
+    def provisioning_api_url(self) -> str | None:
+        """``claims.provisioning_api_url``: None for an opaque token."""
+        claims = self.claims
+        return claims.provisioning_api_url if claims is not None else None
 
     def seconds_left(self, now: float) -> float:
         return self.expires_at - now
