@@ -12,17 +12,23 @@ from ._errors import (
     TokenEndpointError,
     TokenError,
 )
+from ._jwks import JWKSVerifier
 from ._manager import DEFAULT_AUTH_URL, TokenManager
+from ._settings import Settings
 from ._token import Token, TokenClaims
 from ._tuning import Tuning
 from ._version import __version__
 
-__all__ = [
-    "DEFAULT_AUTH_URL",
+# Plain sorted() order, as tests/test_exports.py asserts; ruff's RUF022 would put the
+# SCREAMING_CASE name first instead.
+__all__ = [  # noqa: RUF022
     "AuthenticationError",
     "BackendError",
     "Clock",
     "ConfigurationError",
+    "DEFAULT_AUTH_URL",
+    "JWKSVerifier",
+    "Settings",
     "SystemClock",
     "Token",
     "TokenClaims",

@@ -1,0 +1,415 @@
+"""The ``cl-tokens`` command line: tokens for shell scripts and cron jobs, and a demo.
+
+Configuration comes from the ``CL_*`` environment variables (see ``Settings.from_env``),
+overridable by flags; the client secret only from the environment or stdin
+(``--client-secret-stdin``), never from a flag, which would show in ``ps`` and shell
+history.
+
+Exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error, 3 credentials
+rejected, 4 token endpoint or backend unavailable. Errors are one line on stderr; a
+traceback only with ``--debug``.
+
+To add a command, write ``async def run(args) -> int`` and add it to ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from ._errors import (
+    AuthenticationError,
+    BackendError,
+    ConfigurationError,
+    TokenEndpointError,
+)
+from ._manager import TokenManager
+from ._settings import Settings, Sources, env_sources, settings_from_sources
+from ._token import Token, fingerprint
+from ._version import __version__
+from .backends._base import redact_url
+
+__all__ = [
+    "COMMANDS",
+    "Command",
+    "build_parser",
+    "configure",
+    "describe_token",
+    "exit_code",
+    "main",
+]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_REJECTED = 3
+EXIT_UNAVAILABLE = 4
+
+# Flags that override a setting from the environment: flag dest -> Settings field.
+_OVERRIDES = {
+    "client_id": "client_id",
+    "scope": "scope",
+    "backend": "backend",
+    "auth_url": "auth_url",
+}
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """A command without options of its own."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """A ``cl-tokens`` subcommand.
+
+    Args:
+        help: one line for ``cl-tokens --help``.
+        run: the command: takes the parsed arguments, returns the exit code.
+        arguments: adds the command's own options to its parser.
+        hidden: left out of ``--help`` (internal commands).
+    """
+
+    help: str
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
+    arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
+    hidden: bool = False
+
+
+# -- configuration ---------------------------------------------------------------------
+
+
+def _sources(args: argparse.Namespace) -> Sources:
+    """The environment's settings with the command line's overrides on top."""
+    sources = env_sources(None)
+    for dest, name in _OVERRIDES.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            sources[name] = (value, "--" + dest.replace("_", "-"))
+    if sources["client_id"][0] in (None, ""):
+        label = sources["client_id"][1]
+        sources["client_id"] = (None, f"{label} (or --client-id)")
+    if getattr(args, "client_secret_stdin", False):
+        secret = sys.stdin.readline().rstrip("\r\n")
+        if not secret:
+            raise ConfigurationError("--client-secret-stdin: the first line of stdin is empty")
+        sources["client_secret"] = (secret, "--client-secret-stdin")
+    return sources
+
+
+def configure(args: argparse.Namespace) -> tuple[Settings, TokenManager]:
+    """The settings and a manager from the environment and the command line.
+
+    Args:
+        args: the parsed command line.
+
+    Raises:
+        ConfigurationError: every problem, named by variable or flag.
+    """
+    sources = _sources(args)
+    settings = settings_from_sources(sources)
+    try:
+        return settings, TokenManager.from_settings(settings)
+    except ConfigurationError as error:
+        # Settings checks the backend's scheme; the rest of its URL (a file:// path, a
+        # redis:// database) only the backend itself knows, so name where it came from.
+        label = sources.get("backend", (None, "CL_TOKEN_BACKEND"))[1]
+        raise ConfigurationError(f"{label} {redact_url(settings.backend)!r}: {error}") from None
+
+
+# -- token, header, inspect, revoke ------------------------------------------------------
+
+
+async def _token(args: argparse.Namespace) -> int:
+    _, manager = configure(args)
+    async with manager:
+        token = await manager.token()
+    print(token.access_token)
+    return EXIT_OK
+
+
+async def _header(args: argparse.Namespace) -> int:
+    _, manager = configure(args)
+    async with manager:
+        headers = await manager.header()
+    print(f"Authorization: {headers['Authorization']}")
+    return EXIT_OK
+
+
+def _inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the claims as JSON")
+
+
+async def _inspect(args: argparse.Namespace) -> int:
+    settings, manager = configure(args)
+    async with manager:
+        token = await manager.token()
+    info = describe_token(token, settings, time.time())
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        print(_table(info))
+    return EXIT_OK
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    _, manager = configure(args)
+    async with manager:
+        revoked = await manager.revoke()
+    # Revoking what is not cached is not an error: the goal (no usable cached token) holds.
+    print("revoked the cached token" if revoked else "no cached token to revoke")
+    return EXIT_OK
+
+
+def describe_token(token: Token, settings: Settings, now: float) -> dict[str, Any]:
+    """What ``inspect`` shows: the token's claims and timing, never the token itself.
+
+    Args:
+        token: the token to describe.
+        settings: the settings it was obtained with.
+        now: the current unix time.
+    """
+    claims = token.claims
+    return {
+        "client_id": settings.client_id,
+        "organization_slug": claims.organization_slug if claims else None,
+        "organization_id": claims.organization_id if claims else None,
+        "application_kind": claims.application_kind if claims else None,
+        "market_ids": list(claims.market_ids) if claims else [],
+        "iss": claims.iss if claims else None,
+        "core_api_url": token.core_api_url,
+        "scope": token.scope,
+        "token_type": token.token_type,
+        "expires_at": datetime.fromtimestamp(token.expires_at, timezone.utc)
+        .isoformat(timespec="seconds")
+        .replace("+00:00", "Z"),
+        "seconds_left": round(token.seconds_left(now), 1),
+        "lifetime": token.lifetime,
+        "fingerprint": fingerprint(token.access_token),
+        "jwt": claims is not None,
+        "backend": redact_url(settings.backend),
+    }
+
+
+def _time_left(seconds: float) -> str:
+    if seconds <= 0:
+        return "expired"
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{hours} h"] if hours else []
+    if hours or minutes:
+        parts.append(f"{minutes} min")
+    parts.append(f"{secs} s")
+    return " ".join(parts)
+
+
+def _table(info: dict[str, Any]) -> str:
+    def shown(value: Any) -> str:
+        return "-" if value in (None, "", []) else str(value)
+
+    rows = [
+        ("organization", shown(info["organization_slug"])),
+        ("organization id", shown(info["organization_id"])),
+        ("application kind", shown(info["application_kind"])),
+        ("market ids", shown(", ".join(info["market_ids"]))),
+        ("issuer (iss)", shown(info["iss"])),
+        ("core api", shown(info["core_api_url"])),
+        ("scope", shown(info["scope"])),
+        ("expires at", info["expires_at"].replace("T", " ").replace("Z", " UTC")),
+        ("time left", _time_left(info["seconds_left"])),
+        ("client id", shown(info["client_id"])),
+        ("backend", shown(info["backend"])),
+        ("token", f"{info['fingerprint']} ({'JWT' if info['jwt'] else 'opaque: no claims'})"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name.ljust(width)}  {value}" for name, value in rows)
+
+
+# -- the command table -------------------------------------------------------------------
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._demo import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    from ._demo import add_worker_arguments
+
+    add_worker_arguments(parser)
+
+
+async def _demo(args: argparse.Namespace) -> int:
+    from ._demo import run_demo
+
+    return await run_demo(args)
+
+
+async def _demo_worker(args: argparse.Namespace) -> int:
+    from ._demo import run_worker
+
+    return await run_worker(args)
+
+
+COMMANDS: dict[str, Command] = {
+    "token": Command("print an access token (cached in the configured backend)", _token),
+    "header": Command("print 'Authorization: Bearer <token>'", _header),
+    "inspect": Command(
+        "show the token's claims and expiry (not the token)", _inspect, _inspect_arguments
+    ),
+    "revoke": Command("revoke the cached token and drop it from the backend", _revoke),
+    "demo": Command(
+        "burst thousands of concurrent callers at a local fake server: one token request",
+        _demo,
+        _demo_arguments,
+    ),
+    "_demo-worker": Command(
+        "one process of 'demo --processes'", _demo_worker, _worker_arguments, hidden=True
+    ),
+}
+
+
+# -- parsing and running ---------------------------------------------------------------
+
+_EPILOG = """\
+configuration (environment variables; an empty one counts as unset):
+  CL_CLIENT_ID            client id (required, or --client-id)
+  CL_CLIENT_SECRET        client secret (none for sales-channel credentials;
+                          or one line on stdin with --client-secret-stdin)
+  CL_SCOPE                default scope, e.g. market:code:europe
+  CL_AUTH_URL             token endpoint (default https://auth.commercelayer.io/oauth/token)
+  CL_TOKEN_BACKEND        memory:// | file:///var/cache/cl-tokens | redis://host:6379/0
+  CL_TOKEN_ENCRYPTION_KEY Fernet key for tokens stored by file:// and redis://
+  CL_BODY_ENCODING        json | form
+  CL_SAFETY_MARGIN, CL_ATTEMPTS, CL_FETCH_DEADLINE, ... every tuning option, upper case
+
+exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error,
+  3 credentials rejected, 4 token endpoint or backend unavailable
+"""
+
+
+def _common_options() -> argparse.ArgumentParser:
+    # SUPPRESS: an option left out does not set an attribute, so one given before the
+    # command is not overwritten by the subcommand parser's default.
+    common = argparse.ArgumentParser(
+        add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False
+    )
+    config = common.add_argument_group("configuration (overrides the environment)")
+    config.add_argument("--client-id", metavar="ID", help="instead of $CL_CLIENT_ID")
+    config.add_argument(
+        "--client-secret-stdin",
+        action="store_true",
+        help="read the client secret from the first line of stdin (never pass it as a flag)",
+    )
+    config.add_argument("--scope", help="instead of $CL_SCOPE, e.g. market:code:europe")
+    config.add_argument("--backend", metavar="URL", help="instead of $CL_TOKEN_BACKEND")
+    config.add_argument("--auth-url", metavar="URL", help="instead of $CL_AUTH_URL")
+    output = common.add_argument_group("output")
+    output.add_argument(
+        "-v", "--verbose", action="store_true", help="show the library's log (warnings, fetches)"
+    )
+    output.add_argument("--debug", action="store_true", help="debug log and error tracebacks")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``cl-tokens`` argument parser, one subparser per entry of ``COMMANDS``."""
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="cl-tokens",
+        description="Get, cache and inspect Commerce Layer access tokens.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[common],
+        allow_abbrev=False,  # "--client-secret=x" must not pass for --client-secret-stdin
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        extra: dict[str, Any] = {} if command.hidden else {"help": command.help}
+        sub = subparsers.add_parser(
+            name,
+            parents=[common],
+            description=command.help,
+            epilog=_EPILOG,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            allow_abbrev=False,
+            **extra,
+        )
+        command.arguments(sub)
+    return parser
+
+
+def exit_code(error: BaseException) -> int:
+    """The exit code for ``error``: 2 configuration, 3 rejected, 4 unavailable, else 1.
+
+    Args:
+        error: what the command raised.
+    """
+    if isinstance(error, ConfigurationError):
+        return EXIT_USAGE
+    if isinstance(error, AuthenticationError):
+        return EXIT_REJECTED
+    if isinstance(error, (TokenEndpointError, BackendError)):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILURE
+
+
+def _configure_logging(verbose: bool, debug: bool) -> None:
+    # Library warnings (a backend down, a retried request) are for those who ask: a
+    # script's stderr gets one error line or nothing.
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR
+    logging.basicConfig(
+        level=level,
+        format="cl-tokens: %(levelname)s: %(name)s: %(message)s",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+def _is_secret_flag(arg: str) -> bool:
+    return arg.startswith("--client-secret") and arg != "--client-secret-stdin"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``cl-tokens`` and return its exit code.
+
+    Args:
+        argv: the arguments after the program name (default: ``sys.argv[1:]``).
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(_is_secret_flag(arg) for arg in argv):
+        # Caught before argparse, whose "unrecognized arguments" message would echo it.
+        print(
+            "cl-tokens: error: the client secret is never taken from a flag (it would show "
+            "in ps and shell history); set CL_CLIENT_SECRET or use --client-secret-stdin",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    args = build_parser().parse_args(argv)  # usage errors exit 2 here
+    debug = bool(getattr(args, "debug", False))
+    _configure_logging(bool(getattr(args, "verbose", False)), debug)
+    command = COMMANDS[args.command]
+    try:
+        return asyncio.run(command.run(args))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as error:
+        if debug:
+            traceback.print_exc()
+        code = exit_code(error)
+        message = str(error) or type(error).__name__
+        if code == EXIT_FAILURE:
+            message = f"{type(error).__name__}: {message} (run with --debug for a traceback)"
+        print(f"cl-tokens: error: {' '.join(message.split())}", file=sys.stderr)
+        return code
