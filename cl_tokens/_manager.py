@@ -429,7 +429,16 @@ class TokenManager:
         if now < entry.refresh_not_before:
             return
         entry.refresh_not_before = now + entry.timing.min_gap
-        self._flights.start(key, partial(self._obtain, key, scope, entry.token))
+        task = self._flights.start(key, partial(self._obtain, key, scope, entry.token))
+        task.add_done_callback(partial(self._refresh_done, entry))
+
+    def _refresh_done(self, entry: _Entry, task: asyncio.Task[Token]) -> None:
+        """After a failed refresh, wait the minimum gap from its *end*: a refresh slower
+        than the gap (timeouts, Retry-After) must not be followed at once by another."""
+        if task.cancelled() or task.exception() is not None:
+            entry.refresh_not_before = max(
+                entry.refresh_not_before, self._clock.monotonic() + entry.timing.min_gap
+            )
 
     async def _obtain(self, key: str, scope: str | None, stale: Token | None) -> Token:
         """The body of a flight: shared tier, then the lock, then the endpoint.
@@ -451,6 +460,10 @@ class TokenManager:
                 if self._acceptable(key, stored, stale):
                     return self._install(key, stored)  # type: ignore[arg-type]
             token = await self._fetch(key, scope, refreshing=stale is not None)
+            if stale is not None and token.access_token == stale.access_token:
+                # Reissued with the time *left* as expires_in: keep the original lifetime,
+                # so every process computes the same windows from the stored token.
+                token = stale
             await self._shared.write(key, token)
         finally:
             if outcome is not None:

@@ -13,6 +13,7 @@ import email.utils
 import logging
 import random
 from collections.abc import Awaitable, Callable
+from datetime import timezone
 from typing import TypeVar
 
 from ._clock import Clock
@@ -50,11 +51,12 @@ def parse_retry_after(value: str | None, now: float) -> float | None:
         except (TypeError, ValueError, IndexError):
             return None
         if when.tzinfo is None:
-            return None
+            # RFC 9110 §5.6.7: every HTTP-date is GMT, the asctime form included.
+            when = when.replace(tzinfo=timezone.utc)
         return max(0.0, when.timestamp() - now)
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
-        return None
-    return max(0.0, seconds)
+    if seconds != seconds or seconds in (float("inf"), float("-inf")) or seconds < 0:
+        return None  # not a valid delta-seconds: fall back to our own backoff
+    return seconds
 
 
 async def with_retries(
