@@ -411,7 +411,7 @@ class TokenManager:
                     self._promote(scope_arg, entry)
                 return entry.token
             self._drop(key)
-        token = await self._flights.run(key, partial(self._obtain, key, scope, None))
+        token = await self._flights.join(key, partial(self._obtain, key, scope, None))
         entry = self._entries.get(key)
         if (
             entry is not None

@@ -23,47 +23,67 @@ K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
 
+class _Flight(Generic[V]):
+    """One in-flight task and the futures of the callers waiting for it."""
+
+    __slots__ = ("task", "waiters")
+
+    def __init__(self, task: asyncio.Task[V]) -> None:
+        self.task = task
+        self.waiters: list[asyncio.Future[V]] = []
+
+
 class SingleFlight(Generic[K, V]):
-    """One task per key; every caller of ``run`` for that key gets the task's outcome."""
+    """One task per key; every caller of ``join`` for that key gets the task's outcome."""
 
     def __init__(self) -> None:
-        self._tasks: dict[K, asyncio.Task[V]] = {}
-        self._waiters: dict[K, list[asyncio.Future[V]]] = {}
+        self._flights: dict[K, _Flight[V]] = {}
+
+    def _flight(self, key: K, work: Callable[[], Awaitable[V]]) -> _Flight[V]:
+        flight = self._flights.get(key)
+        if flight is None:
+            flight = _Flight(asyncio.get_running_loop().create_task(_await(work)))
+            self._flights[key] = flight
+            flight.task.add_done_callback(lambda _, k=key, f=flight: self._finished(k, f))  # type: ignore[misc]
+        return flight
 
     def start(self, key: K, work: Callable[[], Awaitable[V]]) -> asyncio.Task[V]:
         """The task in flight for ``key``, or a new one running ``work()``."""
-        task = self._tasks.get(key)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(_await(work))
-            self._tasks[key] = task
-            self._waiters[key] = []
-            task.add_done_callback(lambda t, k=key: self._finished(k, t))  # type: ignore[misc]
-        return task
+        return self._flight(key, work).task
+
+    def join(self, key: K, work: Callable[[], Awaitable[V]]) -> asyncio.Future[V]:
+        """A future of this caller's own for the outcome of the flight for ``key``.
+
+        A plain function, not a coroutine: awaiting the future directly saves a frame
+        per caller, which counts when thousands wait at once.
+        """
+        flight = self._flight(key, work)
+        waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
+        flight.waiters.append(waiter)
+        return waiter
 
     async def run(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
         """Join the flight for ``key`` (starting it if needed) and return its result."""
-        task = self.start(key, work)
-        waiter: asyncio.Future[V] = task.get_loop().create_future()
-        self._waiters[key].append(waiter)
-        return await waiter
+        return await self.join(key, work)
 
     def in_flight(self, key: K) -> bool:
-        return key in self._tasks
+        return key in self._flights
 
     def tasks(self) -> list[asyncio.Task[V]]:
-        return list(self._tasks.values())
+        return [flight.task for flight in self._flights.values()]
 
     def forget(self) -> None:
         """Drop every flight without touching it (their event loop is gone)."""
-        self._tasks.clear()
-        self._waiters.clear()
+        self._flights.clear()
 
-    def _finished(self, key: K, task: asyncio.Task[V]) -> None:
-        if self._tasks.get(key) is task:
-            del self._tasks[key]
-        waiters = self._waiters.pop(key, [])
+    def _finished(self, key: K, flight: _Flight[V]) -> None:
+        # Only this flight's own waiters: after forget(), a new flight for the same key
+        # may already be running, and a late callback of the old one must not touch it.
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+        task = flight.task
         if task.cancelled():
-            for waiter in waiters:
+            for waiter in flight.waiters:
                 waiter.cancel()
             return
         # Retrieving the exception here also keeps a flight that every caller left from
@@ -71,11 +91,11 @@ class SingleFlight(Generic[K, V]):
         error = task.exception()
         if error is None:
             result = task.result()
-            for waiter in waiters:
+            for waiter in flight.waiters:
                 if not waiter.done():
                     waiter.set_result(result)
         else:
-            for waiter in waiters:
+            for waiter in flight.waiters:
                 if not waiter.done():
                     waiter.set_exception(error)
 

@@ -87,3 +87,24 @@ async def test_an_abandoned_failure_is_not_reported_as_never_retrieved() -> None
     await asyncio.sleep(0)
     loop.set_exception_handler(None)
     assert reported == []
+
+
+async def test_a_forgotten_flight_never_settles_the_waiters_of_its_successor() -> None:
+    flight: SingleFlight[str, str] = SingleFlight()
+    release_old = asyncio.Event()
+
+    async def old() -> str:
+        await release_old.wait()
+        return "old"
+
+    async def new() -> str:
+        await asyncio.sleep(0.05)
+        return "new"
+
+    old_waiter = flight.join("k", old)
+    flight.forget()  # as when the manager moves to a new event loop
+    new_waiter = flight.join("k", new)
+    release_old.set()
+    assert await old_waiter == "old"
+    assert not new_waiter.done()
+    assert await new_waiter == "new"
