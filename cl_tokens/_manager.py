@@ -174,6 +174,7 @@ class TokenManager:
         self._hot_headers: dict[_ScopeArg, str] = {}
         self._hot_tokens: dict[_ScopeArg, Token] = {}
         self._entries: dict[str, _Entry] = {}
+        self._pending_aliases: dict[str, set[_ScopeArg]] = {}
         self._keys: dict[_ScopeArg, tuple[str, str | None]] = {}
         self._flights: SingleFlight[str, Token] = SingleFlight()
         self._cooldowns: dict[str, tuple[float, AuthenticationError]] = {}
@@ -265,7 +266,8 @@ class TokenManager:
             value = None
         if value is not None:
             return {"Authorization": value}
-        token = await self._slow_token(scope)
+        found = self._lookup(scope)
+        token = found if isinstance(found, Token) else await found
         return {"Authorization": token.authorization}
 
     async def token(self, scope: str | None = None) -> Token:
@@ -276,7 +278,8 @@ class TokenManager:
             token = None
         if token is not None:
             return token
-        return await self._slow_token(scope)
+        found = self._lookup(scope)
+        return found if isinstance(found, Token) else await found
 
     async def invalidate(self, access_token: str, scope: str | None = None) -> bool:
         """Drop ``access_token`` from every tier, only if it is still the cached token.
@@ -397,10 +400,24 @@ class TokenManager:
 
     # -- the slow path -----------------------------------------------------------------
 
-    async def _slow_token(self, scope_arg: _ScopeArg) -> Token:
-        self._check_open()
-        self._bind_loop()
-        key, scope = self._resolve(scope_arg)
+    def _lookup(self, scope_arg: _ScopeArg) -> Token | asyncio.Future[Token]:
+        """The slow path: the memory tier's token, or a future for the flight's.
+
+        A plain function, so a caller waiting on a flight runs one coroutine frame (its
+        own), not two: that is most of a cold stampede's cost beyond asyncio's own.
+        """
+        # The checks of _check_open, _bind_loop and _resolve, inlined for their common
+        # case: every waiter of a cold stampede passes here.
+        if self._closed:
+            self._check_open()
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop or self._keeper is None or self._keeper.done():
+            self._bind_loop()
+        try:
+            resolved = self._keys.get(scope_arg)
+        except TypeError:
+            resolved = None
+        key, scope = resolved if resolved is not None else self._resolve(scope_arg)
         now = self._clock.time()
         entry = self._entries.get(key)
         if entry is not None:
@@ -411,15 +428,13 @@ class TokenManager:
                     self._promote(scope_arg, entry)
                 return entry.token
             self._drop(key)
-        token = await self._flights.join(key, partial(self._obtain, key, scope, None))
-        entry = self._entries.get(key)
-        if (
-            entry is not None
-            and entry.token is token
-            and self._clock.time() < entry.timing.refresh_at
-        ):
-            self._promote(scope_arg, entry)
-        return token
+        # Whatever the flight installs is served hot to this scope argument too.
+        pending = self._pending_aliases.get(key)
+        if pending is None:
+            self._pending_aliases[key] = {scope_arg}
+        else:
+            pending.add(scope_arg)
+        return self._flights.join(key, partial(self._obtain, key, scope, None))
 
     def _start_refresh(self, key: str, scope: str | None, entry: _Entry) -> None:
         """Refresh ``entry`` in the background, at most once per minimum gap."""
@@ -604,8 +619,9 @@ class TokenManager:
             old.refresh_not_before = self._clock.monotonic() + old.timing.min_gap
             return old.token
         entry = _Entry(token, plan_token(token, self._tuning, now, self._rng), token.authorization)
-        aliases = set(old.aliases) if old is not None else set()
+        aliases = self._pending_aliases.pop(key, set())
         if old is not None:
+            aliases |= old.aliases
             self._drop(key)
         self._entries[key] = entry
         delay = entry.timing.refresh_at - now

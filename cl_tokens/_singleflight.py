@@ -42,6 +42,8 @@ class SingleFlight(Generic[K, V]):
     def _flight(self, key: K, work: Callable[[], Awaitable[V]]) -> _Flight[V]:
         flight = self._flights.get(key)
         if flight is None:
+            # work() is called only here: callers that join an existing flight build
+            # nothing but their own future.
             flight = _Flight(asyncio.get_running_loop().create_task(_await(work)))
             self._flights[key] = flight
             flight.task.add_done_callback(lambda _, k=key, f=flight: self._finished(k, f))  # type: ignore[misc]

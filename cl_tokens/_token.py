@@ -156,6 +156,8 @@ class Token:
     expires_at: float
     created_at: float | None = None
     lifetime: float = 0.0
+    # Built once: thousands of callers woken by one fetch each need it.
+    _authorization: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.access_token, str) or not self.access_token:
@@ -165,6 +167,9 @@ class Token:
         if self.lifetime <= 0:
             # Tokens built by hand may omit it; the time left at creation is a fair stand-in.
             object.__setattr__(self, "lifetime", 0.0)
+        # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer".
+        kind = "Bearer" if self.token_type.lower() == "bearer" else self.token_type
+        object.__setattr__(self, "_authorization", f"{kind} {self.access_token}")
 
     def __repr__(self) -> str:
         return (
@@ -176,9 +181,7 @@ class Token:
     @property
     def authorization(self) -> str:
         """The value of the ``Authorization`` header: ``Bearer <token>``."""
-        # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer".
-        kind = "Bearer" if self.token_type.lower() == "bearer" else self.token_type
-        return f"{kind} {self.access_token}"
+        return self._authorization
 
     @property
     def claims(self) -> TokenClaims | None:
