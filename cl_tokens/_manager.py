@@ -176,7 +176,9 @@ class TokenManager:
         self._entries: dict[str, _Entry] = {}
         self._pending_aliases: dict[str, set[_ScopeArg]] = {}
         self._keys: dict[_ScopeArg, tuple[str, str | None]] = {}
-        self._flights: SingleFlight[str, Token] = SingleFlight()
+        self._flights: SingleFlight[str, Token] = SingleFlight(
+            cancelled=lambda: TokenError("the TokenManager was closed while this call waited")
+        )
         self._cooldowns: dict[str, tuple[float, AuthenticationError]] = {}
         self._rejected: dict[str, str] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

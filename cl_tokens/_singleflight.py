@@ -36,8 +36,14 @@ class _Flight(Generic[V]):
 class SingleFlight(Generic[K, V]):
     """One task per key; every caller of ``join`` for that key gets the task's outcome."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancelled: Callable[[], BaseException] | None = None) -> None:
+        """
+        Args:
+            cancelled: what waiters get when the flight itself is cancelled (by its
+                owner closing); None: they are cancelled too.
+        """
         self._flights: dict[K, _Flight[V]] = {}
+        self._cancelled = cancelled
 
     def _flight(self, key: K, work: Callable[[], Awaitable[V]]) -> _Flight[V]:
         flight = self._flights.get(key)
@@ -86,7 +92,12 @@ class SingleFlight(Generic[K, V]):
         task = flight.task
         if task.cancelled():
             for waiter in flight.waiters:
-                waiter.cancel()
+                if waiter.done():
+                    continue
+                if self._cancelled is None:
+                    waiter.cancel()
+                else:
+                    waiter.set_exception(self._cancelled())
             return
         # Retrieving the exception here also keeps a flight that every caller left from
         # printing "Task exception was never retrieved".
