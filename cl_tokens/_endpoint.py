@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import json
 import logging
@@ -14,8 +13,8 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ._clock import Clock
-from ._errors import AuthenticationError, ConfigurationError, TokenEndpointError
-from ._retry import parse_retry_after
+from ._errors import ConfigurationError, TokenEndpointError
+from ._http import error_for, post
 from ._token import Token
 
 __all__ = ["BodyEncoding", "TokenEndpoint", "auth_url_problem"]
@@ -23,9 +22,6 @@ __all__ = ["BodyEncoding", "TokenEndpoint", "auth_url_problem"]
 logger = logging.getLogger("cl_tokens")
 
 BodyEncoding = Literal["json", "form"]
-RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
-REJECTED_STATUSES = frozenset({400, 401, 403})
-_MAX_BODY = 256 * 1024
 
 
 def _is_loopback(host: str) -> bool:
@@ -96,37 +92,26 @@ class TokenEndpoint:
 
     async def request(self, scope: str | None, timeout: float) -> Token:
         """One POST to the token endpoint, answered within ``timeout`` seconds."""
-        session = await self._session()
-        body = self.body(scope)
-        payload: dict[str, Any] = (
-            {"json": body} if self._body_encoding == "json" else {"data": body}
-        )
         sent_at = self._clock.time()
-        try:
-            async with session.post(
-                self.auth_url,
-                headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=timeout),
-                allow_redirects=False,
-                **payload,
-            ) as response:
-                raw = await response.content.read(_MAX_BODY)
-                status = response.status
-                content_type = response.content_type
-                retry_after_header = response.headers.get("Retry-After")
-        except asyncio.TimeoutError:
-            raise TokenEndpointError(
-                f"token endpoint did not answer within {timeout:g} s", retryable=True
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise TokenEndpointError(
-                f"token endpoint unreachable: {type(exc).__name__}: {self.redact(str(exc))}",
-                retryable=True,
-            ) from None
-        if status == 200:
-            return self._token_from(raw, scope, sent_at)
-        self._raise_for(status, content_type, raw, retry_after_header)
-        raise AssertionError("unreachable")  # pragma: no cover
+        answer = await post(
+            await self._session(),
+            self.auth_url,
+            body=self.body(scope),
+            form=self._body_encoding == "form",
+            headers=self._headers,
+            timeout=timeout,
+            what="token endpoint",
+            redact=self.redact,
+        )
+        if answer.status == 200:
+            return self._token_from(answer.body, scope, sent_at)
+        raise error_for(
+            answer,
+            what="token endpoint",
+            action="token request",
+            redact=self.redact,
+            now=self._clock.time(),
+        )
 
     def _token_from(self, raw: bytes, scope: str | None, sent_at: float) -> Token:
         def malformed(why: str) -> TokenEndpointError:
@@ -159,38 +144,6 @@ class TokenEndpoint:
             lifetime=expires_in,
         )
 
-    def _raise_for(
-        self, status: int, content_type: str, raw: bytes, retry_after_header: str | None
-    ) -> None:
-        data: Any = None
-        if "json" in content_type or raw[:1] in (b"{", b"["):
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                data = None
-        if status in REJECTED_STATUSES:
-            code, title, detail = _error_fields(data)
-            detail = self.redact(detail) if detail else None
-            summary = " ".join(p for p in (code, title) if p)
-            message = f"token request rejected (HTTP {status}{': ' + summary if summary else ''})"
-            if detail:
-                message += f": {detail}"
-            raise AuthenticationError(message, status=status, code=code, title=title, detail=detail)
-        retry_after = parse_retry_after(retry_after_header, self._clock.time())
-        kind = "JSON" if data is not None else (content_type or "empty")
-        message = f"token endpoint answered HTTP {status} ({kind} body)"
-        if data is not None:
-            code, title, detail = _error_fields(data)
-            said = "; ".join(p for p in (code, title, detail) if p)
-            if said:
-                message += f": {self.redact(said)}"
-        raise TokenEndpointError(
-            message,
-            status=status,
-            retry_after=retry_after,
-            retryable=status in RETRYABLE_STATUSES,
-        )
-
 
 def _number(value: Any) -> float | None:
     if isinstance(value, bool):
@@ -203,21 +156,3 @@ def _number(value: Any) -> float | None:
     if isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     return None
-
-
-def _text(value: Any) -> str | None:
-    return str(value) if isinstance(value, (str, int)) and str(value) else None
-
-
-def _error_fields(data: Any) -> tuple[str | None, str | None, str | None]:
-    """(code, title, detail) from Commerce Layer's ``errors`` (array or object) or RFC 6749."""
-    if not isinstance(data, dict):
-        return None, None, None
-    errors = data.get("errors")
-    if isinstance(errors, list) and errors and isinstance(errors[0], dict):
-        errors = errors[0]
-    if isinstance(errors, dict):
-        return _text(errors.get("code")), _text(errors.get("title")), _text(errors.get("detail"))
-    if "error" in data:
-        return _text(data.get("error")), None, _text(data.get("error_description"))
-    return None, None, None

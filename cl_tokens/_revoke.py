@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import json
 import logging
-from collections.abc import Callable
+import time
 from urllib.parse import urlsplit
 
 import aiohttp
 
-from ._endpoint import RETRYABLE_STATUSES, _error_fields, auth_url_problem
-from ._errors import AuthenticationError, TokenEndpointError
+from ._endpoint import auth_url_problem
+from ._http import error_for, post
 from ._token import Token, fingerprint
 from ._version import __version__
 
@@ -19,8 +17,6 @@ __all__ = ["revocation_url", "revoke_token"]
 
 logger = logging.getLogger("cl_tokens")
 
-_MAX_BODY = 64 * 1024
-_REJECTED = frozenset({400, 401, 403})
 _CL_DOMAIN = "commercelayer.io"
 
 
@@ -96,49 +92,23 @@ async def revoke_token(
                 text = text.replace(secret, "***")
         return text
 
-    try:
-        async with session.post(
-            url,
-            json=body,
-            headers={"Accept": "application/json", "User-Agent": f"cl-tokens/{__version__}"},
-            timeout=aiohttp.ClientTimeout(total=timeout),
-            # A redirect would carry the secret to wherever the server points.
-            allow_redirects=False,
-        ) as response:
-            raw = await response.content.read(_MAX_BODY)
-            status = response.status
-    except asyncio.TimeoutError:
-        raise TokenEndpointError(
-            f"revocation endpoint {url} did not answer within {timeout:g} s", retryable=True
-        ) from None
-    except aiohttp.ClientError as exc:
-        raise TokenEndpointError(
-            f"revocation endpoint {url} unreachable: {type(exc).__name__}: {redact(str(exc))}",
-            retryable=True,
-        ) from None
-    if 200 <= status < 300:
+    answer = await post(
+        session,
+        url,
+        body=body,
+        form=False,
+        headers={"Accept": "application/json", "User-Agent": f"cl-tokens/{__version__}"},
+        timeout=timeout,
+        what=f"revocation endpoint {url}",
+        redact=redact,
+    )
+    if 200 <= answer.status < 300:
         logger.info("revoked token %s", fingerprint(token.access_token))
         return
-    raise _error(status, raw, redact)
-
-
-def _error(
-    status: int, raw: bytes, redact: Callable[[str], str]
-) -> AuthenticationError | TokenEndpointError:
-    try:
-        data = json.loads(raw) if raw else None
-    except ValueError:
-        data = None
-    # The server's words may echo the request: strip the secret and the token from them.
-    code, title, detail = (redact(f) if f else None for f in _error_fields(data))
-    summary = " ".join(p for p in (code, title) if p)
-    if status in _REJECTED:
-        message = f"token revocation rejected (HTTP {status}{': ' + summary if summary else ''})"
-        if detail:
-            message += f": {detail}"
-        return AuthenticationError(message, status=status, code=code, title=title, detail=detail)
-    message = f"revocation endpoint answered HTTP {status}"
-    said = "; ".join(p for p in (summary, detail) if p)
-    if said:
-        message += f": {said}"
-    return TokenEndpointError(message, status=status, retryable=status in RETRYABLE_STATUSES)
+    raise error_for(
+        answer,
+        what=f"revocation endpoint {url}",
+        action="token revocation",
+        redact=redact,
+        now=time.time(),
+    )
