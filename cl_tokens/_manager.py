@@ -52,7 +52,6 @@ class _Entry:
 
     token: Token
     timing: TokenTiming
-    header: str
     aliases: set[_ScopeArg] = field(default_factory=set)
     timer: asyncio.TimerHandle | None = None
     refresh_not_before: float = 0.0  # monotonic
@@ -620,7 +619,7 @@ class TokenManager:
             # keep its timing, and wait the minimum gap before asking again.
             old.refresh_not_before = self._clock.monotonic() + old.timing.min_gap
             return old.token
-        entry = _Entry(token, plan_token(token, self._tuning, now, self._rng), token.authorization)
+        entry = _Entry(token, plan_token(token, self._tuning, now, self._rng))
         aliases = self._pending_aliases.pop(key, set())
         if old is not None:
             aliases |= old.aliases
@@ -636,7 +635,7 @@ class TokenManager:
     def _promote(self, scope_arg: _ScopeArg, entry: _Entry) -> None:
         entry.aliases.add(scope_arg)
         self._hot_tokens[scope_arg] = entry.token
-        self._hot_headers[scope_arg] = entry.header
+        self._hot_headers[scope_arg] = entry.token.authorization
 
     def _retire(self, entry: _Entry) -> None:
         """Take ``entry`` off the hot tier: its next caller takes the slow path."""
