@@ -14,7 +14,6 @@ import asyncio
 import logging
 import random
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -25,11 +24,12 @@ from ._clock import Clock, SystemClock
 from ._endpoint import BodyEncoding, TokenEndpoint, auth_url_problem
 from ._errors import AuthenticationError, BackendError, ConfigurationError, TokenError
 from ._keys import cache_key
+from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._retry import with_retries
 from ._shared import UNAVAILABLE, SharedTier
 from ._singleflight import SingleFlight
 from ._token import Token, fingerprint
-from ._tuning import TokenTiming, Tuning, plan_token
+from ._tuning import Tuning
 from ._version import __version__
 from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
@@ -43,18 +43,6 @@ __all__ = ["DEFAULT_AUTH_URL", "TokenManager"]
 logger = logging.getLogger("cl_tokens")
 
 DEFAULT_AUTH_URL = "https://auth.commercelayer.io/oauth/token"
-_ScopeArg = str | None
-
-
-@dataclass(eq=False)
-class _Entry:
-    """A token in the memory tier, with its timing and the hot aliases that serve it."""
-
-    token: Token
-    timing: TokenTiming
-    aliases: set[_ScopeArg] = field(default_factory=set)
-    timer: asyncio.TimerHandle | None = None
-    refresh_not_before: float = 0.0  # monotonic
 
 
 class TokenManager:
@@ -168,13 +156,12 @@ class TokenManager:
             retry_interval=self._tuning.backend_retry_interval,
         )
         self._rng = random.Random()
-        # The hot tier: scope argument -> header value / token. Only these two lookups
-        # happen on a warm call; entries are retired, never checked, on the hot path.
-        self._hot_headers: dict[_ScopeArg, str] = {}
-        self._hot_tokens: dict[_ScopeArg, Token] = {}
-        self._entries: dict[str, _Entry] = {}
-        self._pending_aliases: dict[str, set[_ScopeArg]] = {}
-        self._keys: dict[_ScopeArg, tuple[str, str | None]] = {}
+        self._tier = MemoryTier(self._tuning, self._clock, self._rng)
+        # The hot tier's dicts, bound here: a warm call is one of these lookups and a new
+        # dict. Entries are retired by the tier, never checked, on the hot path.
+        self._hot_headers = self._tier.headers
+        self._hot_tokens = self._tier.tokens
+        self._keys: dict[ScopeArg, tuple[str, str | None]] = {}
         self._flights: SingleFlight[str, Token] = SingleFlight(
             cancelled=lambda: TokenError("the TokenManager was closed while this call waited")
         )
@@ -297,9 +284,9 @@ class TokenManager:
         # Remember it: a read of the shared backend racing this call must not bring it back.
         self._rejected[key] = access_token
         dropped = False
-        entry = self._entries.get(key)
+        entry = self._tier.get(key)
         if entry is not None and entry.token.access_token == access_token:
-            self._drop(key)
+            self._tier.drop(key)
             dropped = True
         deleted = await self._shared.delete_if(key, access_token)
         if dropped or deleted:
@@ -321,7 +308,7 @@ class TokenManager:
         self._check_open()
         self._bind_loop()
         key, _ = self._resolve(scope)
-        entry = self._entries.get(key)
+        entry = self._tier.get(key)
         token = entry.token if entry is not None else await self._shared.read(key)
         if token is None:
             return False
@@ -369,10 +356,8 @@ class TokenManager:
         if self._closed:
             return
         self._closed = True
-        self._clear_hot()
-        for entry in self._entries.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
+        self._tier.clear_hot()
+        self._tier.cancel_timers()
         loop = asyncio.get_running_loop()
         tasks: list[asyncio.Task[Any]] = [t for t in self._flights.tasks() if t.get_loop() is loop]
         if self._keeper is not None and self._keeper.get_loop() is loop:
@@ -401,7 +386,7 @@ class TokenManager:
 
     # -- the slow path -----------------------------------------------------------------
 
-    def _lookup(self, scope_arg: _ScopeArg) -> Token | asyncio.Future[Token]:
+    def _lookup(self, scope_arg: ScopeArg) -> Token | asyncio.Future[Token]:
         """The slow path: the memory tier's token, or a future for the flight's.
 
         A plain function, so a caller waiting on a flight runs one coroutine frame (its
@@ -420,24 +405,19 @@ class TokenManager:
             resolved = None
         key, scope = resolved if resolved is not None else self._resolve(scope_arg)
         now = self._clock.time()
-        entry = self._entries.get(key)
+        entry = self._tier.get(key)
         if entry is not None:
             if now < entry.timing.usable_until:
                 if now >= entry.timing.refresh_at:
                     self._start_refresh(key, scope, entry)
                 else:
-                    self._promote(scope_arg, entry)
+                    self._tier.promote(scope_arg, entry)
                 return entry.token
-            self._drop(key)
-        # Whatever the flight installs is served hot to this scope argument too.
-        pending = self._pending_aliases.get(key)
-        if pending is None:
-            self._pending_aliases[key] = {scope_arg}
-        else:
-            pending.add(scope_arg)
+            self._tier.drop(key)
+        self._tier.await_flight(key, scope_arg)
         return self._flights.join(key, partial(self._obtain, key, scope, None))
 
-    def _start_refresh(self, key: str, scope: str | None, entry: _Entry) -> None:
+    def _start_refresh(self, key: str, scope: str | None, entry: Entry) -> None:
         """Refresh ``entry`` in the background, at most once per minimum gap."""
         if self._flights.in_flight(key):
             return
@@ -448,7 +428,7 @@ class TokenManager:
         task = self._flights.start(key, partial(self._obtain, key, scope, entry.token))
         task.add_done_callback(partial(self._refresh_done, entry))
 
-    def _refresh_done(self, entry: _Entry, task: asyncio.Task[Token]) -> None:
+    def _refresh_done(self, entry: Entry, task: asyncio.Task[Token]) -> None:
         """After a failed refresh, wait the minimum gap from its *end*: a refresh slower
         than the gap (timeouts, Retry-After) must not be followed at once by another."""
         if task.cancelled() or task.exception() is not None:
@@ -465,16 +445,16 @@ class TokenManager:
         self._raise_if_cooling_down(key)
         stored = await self._shared.read(key)
         if self._acceptable(key, stored, stale):
-            return self._install(key, stored)  # type: ignore[arg-type]
+            return self._tier.install(key, stored)  # type: ignore[arg-type]
         outcome = await self._lock_or_token(key, stale)
         if isinstance(outcome, Token):
-            return self._install(key, outcome)
+            return self._tier.install(key, outcome)
         try:
             if outcome is not None:
                 # Another process may have fetched while we waited for the lock.
                 stored = await self._shared.read(key)
                 if self._acceptable(key, stored, stale):
-                    return self._install(key, stored)  # type: ignore[arg-type]
+                    return self._tier.install(key, stored)  # type: ignore[arg-type]
             token = await self._fetch(key, scope, refreshing=stale is not None)
             if stale is not None and token.access_token == stale.access_token:
                 # Reissued with the time *left* as expires_in: keep the original lifetime,
@@ -486,11 +466,10 @@ class TokenManager:
                 await self._shared.release(outcome)
         if stale is not None and token.access_token == stale.access_token:
             logger.info(
-                "token endpoint returned the same token %s; next refresh attempt in %.0f s",
+                "token endpoint returned the same token %s; the next refresh waits the minimum gap",
                 fingerprint(token.access_token),
-                self._entries[key].timing.min_gap if key in self._entries else 0.0,
             )
-        return self._install(key, token)
+        return self._tier.install(key, token)
 
     def _acceptable(self, key: str, token: Token | None, stale: Token | None) -> bool:
         if token is None or token.access_token == self._rejected.get(key):
@@ -610,68 +589,17 @@ class TokenManager:
         self._keys[scope_arg] = resolved
         return resolved
 
-    def _install(self, key: str, token: Token) -> Token:
-        """Make ``token`` the memory tier's entry for ``key`` and arm its retirement."""
-        now = self._clock.time()
-        old = self._entries.get(key)
-        if old is not None and old.token.access_token == token.access_token:
-            # The same token came back (Commerce Layer reissues only near expiry):
-            # keep its timing, and wait the minimum gap before asking again.
-            old.refresh_not_before = self._clock.monotonic() + old.timing.min_gap
-            return old.token
-        entry = _Entry(token, plan_token(token, self._tuning, now, self._rng))
-        aliases = self._pending_aliases.pop(key, set())
-        if old is not None:
-            aliases |= old.aliases
-            self._drop(key)
-        self._entries[key] = entry
-        delay = entry.timing.refresh_at - now
-        if delay > 0:
-            entry.timer = asyncio.get_running_loop().call_later(delay, self._retire, entry)
-            for alias in aliases:
-                self._promote(alias, entry)
-        return token
-
-    def _promote(self, scope_arg: _ScopeArg, entry: _Entry) -> None:
-        entry.aliases.add(scope_arg)
-        self._hot_tokens[scope_arg] = entry.token
-        self._hot_headers[scope_arg] = entry.token.authorization
-
-    def _retire(self, entry: _Entry) -> None:
-        """Take ``entry`` off the hot tier: its next caller takes the slow path."""
-        for alias in entry.aliases:
-            if self._hot_tokens.get(alias) is entry.token:
-                del self._hot_tokens[alias]
-                del self._hot_headers[alias]
-        entry.aliases.clear()
-
-    def _drop(self, key: str) -> None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._retire(entry)
-            if entry.timer is not None:
-                entry.timer.cancel()
-
-    def _clear_hot(self) -> None:
-        self._hot_headers.clear()
-        self._hot_tokens.clear()
-        for entry in self._entries.values():
-            entry.aliases.clear()
-
     async def _check_clock(self) -> None:
         """Retire hot entries that the wall clock says are due, whatever the timers did."""
         try:
             while True:
                 await asyncio.sleep(self._tuning.clock_check_interval)
-                now = self._clock.time()
-                for entry in list(self._entries.values()):
-                    if entry.aliases and now >= entry.timing.refresh_at:
-                        self._retire(entry)
+                self._tier.sweep()
         finally:
             # The loop is ending (or the manager closing): its timers die with it, so the
             # hot tier must not outlive them, and its connections must be closed now,
             # while the loop can still run the closing.
-            self._clear_hot()
+            self._tier.clear_hot()
             session, self._own_session = self._own_session, None
             if session is not None:
                 await session.close()
@@ -693,19 +621,14 @@ class TokenManager:
 
     def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Adopt a new event loop after the old one finished: drop what belonged to it."""
-        self._clear_hot()
+        self._tier.clear_hot()
+        self._tier.rearm(loop)
         self._flights.forget()
         self._keeper = None
         if self._own_session is not None:
             # Its connections belong to the old loop; they cannot be closed from here.
             self._own_session.detach()
             self._own_session = None
-        now = self._clock.time()
-        for entry in self._entries.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
-            delay = entry.timing.refresh_at - now
-            entry.timer = loop.call_later(delay, self._retire, entry) if delay > 0 else None
         self._loop = loop
 
     async def _get_session(self) -> aiohttp.ClientSession:
