@@ -22,14 +22,20 @@ import aiohttp
 
 from ._clock import Clock, SystemClock
 from ._endpoint import BodyEncoding, TokenEndpoint, auth_url_problem
-from ._errors import AuthenticationError, BackendError, ConfigurationError, TokenError
+from ._errors import (
+    AuthenticationError,
+    BackendError,
+    ConfigurationError,
+    TokenEndpointError,
+    TokenError,
+)
 from ._keys import cache_key
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._retry import with_retries
 from ._shared import UNAVAILABLE, SharedTier
 from ._singleflight import SingleFlight
 from ._token import Token, fingerprint
-from ._tuning import Tuning
+from ._tuning import Tuning, safety_margin
 from ._version import __version__
 from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
@@ -99,6 +105,7 @@ class TokenManager:
         lock_lease: float = Tuning.lock_lease,
         lock_wait: float | None = Tuning.lock_wait,
         lock_poll_interval: float = Tuning.lock_poll_interval,
+        backend_timeout: float = Tuning.backend_timeout,
         backend_retry_interval: float = Tuning.backend_retry_interval,
         clock_check_interval: float = Tuning.clock_check_interval,
         strict: bool = Tuning.strict,
@@ -123,6 +130,7 @@ class TokenManager:
                 lock_lease=lock_lease,
                 lock_wait=lock_wait,
                 lock_poll_interval=lock_poll_interval,
+                backend_timeout=backend_timeout,
                 backend_retry_interval=backend_retry_interval,
                 clock_check_interval=clock_check_interval,
                 strict=strict,
@@ -153,6 +161,7 @@ class TokenManager:
             self._build_backend(backend, dict(backend_options or {})),
             clock=self._clock,
             strict=self._tuning.strict,
+            timeout=self._tuning.backend_timeout,
             retry_interval=self._tuning.backend_retry_interval,
         )
         self._rng = random.Random()
@@ -404,11 +413,12 @@ class TokenManager:
         except TypeError:
             resolved = None
         key, scope = resolved if resolved is not None else self._resolve(scope_arg)
-        now = self._clock.time()
         entry = self._tier.get(key)
         if entry is not None:
-            if now < entry.timing.usable_until:
-                if now >= entry.timing.refresh_at:
+            now = self._clock.time()
+            mono = self._clock.monotonic()
+            if entry.usable(now, mono):
+                if entry.due(now, mono):
                     self._start_refresh(key, scope, entry)
                 else:
                     self._tier.promote(scope_arg, entry)
@@ -460,6 +470,14 @@ class TokenManager:
                 # Reissued with the time *left* as expires_in: keep the original lifetime,
                 # so every process computes the same windows from the stored token.
                 token = stale
+            if self._clock.time() >= token.expires_at - safety_margin(token, self._tuning):
+                # Only a reissued token can be this old: never hand it to a caller that
+                # is waiting because the cached one reached its margin.
+                raise TokenEndpointError(
+                    "the token endpoint returned the current token again, with "
+                    f"{token.expires_at - self._clock.time():.0f} s left: inside the "
+                    "safety margin"
+                )
             await self._shared.write(key, token)
         finally:
             if outcome is not None:
@@ -474,9 +492,7 @@ class TokenManager:
     def _acceptable(self, key: str, token: Token | None, stale: Token | None) -> bool:
         if token is None or token.access_token == self._rejected.get(key):
             return False
-        now = self._clock.time()
-        lifetime = token.lifetime if token.lifetime > 0 else token.expires_at - now
-        if now >= token.expires_at - min(self._tuning.safety_margin, 0.25 * lifetime):
+        if self._clock.time() >= token.expires_at - safety_margin(token, self._tuning):
             return False
         if stale is None:
             return True
@@ -590,19 +606,27 @@ class TokenManager:
         return resolved
 
     async def _check_clock(self) -> None:
-        """Retire hot entries that the wall clock says are due, whatever the timers did."""
+        """Retire hot entries that the clocks say are due, whatever the timers did."""
         try:
             while True:
                 await asyncio.sleep(self._tuning.clock_check_interval)
                 self._tier.sweep()
-        finally:
-            # The loop is ending (or the manager closing): its timers die with it, so the
-            # hot tier must not outlive them, and its connections must be closed now,
-            # while the loop can still run the closing.
+        except GeneratorExit:
+            # Closed without being cancelled: its loop was closed under it. Nothing can
+            # be awaited any more; the hot tier must not outlive the loop's timers.
+            self._tier.clear_hot()
+            if self._own_session is not None:
+                self._own_session.detach()
+                self._own_session = None
+            raise
+        except asyncio.CancelledError:
+            # The loop is ending (or the manager closing): same, and close the session's
+            # connections while the loop can still run the closing.
             self._tier.clear_hot()
             session, self._own_session = self._own_session, None
             if session is not None:
                 await session.close()
+            raise
 
     # -- event loop and resources ------------------------------------------------------
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import weakref
 from dataclasses import dataclass, field
 
 from ._clock import Clock
@@ -25,13 +26,35 @@ ScopeArg = str | None
 
 @dataclass(eq=False)
 class Entry:
-    """A token in the memory tier, with its timing and the hot aliases that serve it."""
+    """A token in the memory tier, with its timing and the hot aliases that serve it.
+
+    The wall-clock moments of ``timing`` are mirrored on the monotonic clock at install
+    (``*_mono``): a token is usable only while both clocks agree, so a wall clock
+    stepped back cannot make an expired token look fresh.
+    """
 
     token: Token
     timing: TokenTiming
+    usable_until_mono: float
+    refresh_at_mono: float
     aliases: set[ScopeArg] = field(default_factory=set)
-    timer: asyncio.TimerHandle | None = None
+    # A weak reference: if the event loop is closed with the timer pending, dropping
+    # the handle retires the entry (see MemoryTier._arm), since the timer never will.
+    timer: weakref.ref[asyncio.TimerHandle] | None = None
     refresh_not_before: float = 0.0  # monotonic
+
+    def usable(self, now: float, mono: float) -> bool:
+        return now < self.timing.usable_until and mono < self.usable_until_mono
+
+    def due(self, now: float, mono: float) -> bool:
+        """Whether the refresh moment has come (by either clock)."""
+        return now >= self.timing.refresh_at or mono >= self.refresh_at_mono
+
+    def cancel_timer(self) -> None:
+        handle = self.timer() if self.timer is not None else None
+        if handle is not None:
+            handle.cancel()
+        self.timer = None
 
 
 class MemoryTier:
@@ -67,24 +90,41 @@ class MemoryTier:
     def install(self, key: str, token: Token) -> Token:
         """Make ``token`` the entry for ``key``, served hot until its refresh moment."""
         now = self._clock.time()
+        mono = self._clock.monotonic()
         old = self._entries.get(key)
         if old is not None and old.token.access_token == token.access_token:
             # The same token came back (Commerce Layer reissues only near expiry):
             # keep its timing, and wait the minimum gap before asking again.
-            old.refresh_not_before = self._clock.monotonic() + old.timing.min_gap
+            old.refresh_not_before = mono + old.timing.min_gap
             return old.token
-        entry = Entry(token, plan_token(token, self._tuning, now, self._rng))
+        timing = plan_token(token, self._tuning, now, self._rng)
+        entry = Entry(
+            token,
+            timing,
+            usable_until_mono=mono + (timing.usable_until - now),
+            refresh_at_mono=mono + (timing.refresh_at - now),
+        )
         aliases = self._pending.pop(key, set())
         if old is not None:
             aliases |= old.aliases
             self.drop(key)
         self._entries[key] = entry
-        delay = entry.timing.refresh_at - now
-        if delay > 0:
-            entry.timer = asyncio.get_running_loop().call_later(delay, self.retire, entry)
+        if not entry.due(now, mono):
+            self._arm(entry, asyncio.get_running_loop())
             for alias in aliases:
                 self.promote(alias, entry)
         return token
+
+    def _arm(self, entry: Entry, loop: asyncio.AbstractEventLoop) -> None:
+        """Retire ``entry`` from the hot tier at its refresh moment, by a loop timer.
+
+        The handle is held weakly: a loop closed with the timer still pending drops it,
+        and dropping it retires the entry, which the timer never will. (A timer that
+        fired or was cancelled is dropped too; retiring then changes nothing.)
+        """
+        delay = entry.refresh_at_mono - self._clock.monotonic()
+        handle = loop.call_later(max(delay, 0.0), self.retire, entry)
+        entry.timer = weakref.ref(handle, lambda _ref, e=entry: self.retire(e))  # type: ignore[misc]
 
     def promote(self, scope_arg: ScopeArg, entry: Entry) -> None:
         """Serve ``entry`` on the hot path to callers passing ``scope_arg``."""
@@ -105,15 +145,15 @@ class MemoryTier:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.retire(entry)
-            if entry.timer is not None:
-                entry.timer.cancel()
+            entry.cancel_timer()
         return entry
 
     def sweep(self) -> None:
         """Retire every hot entry whose refresh moment the wall clock has passed."""
         now = self._clock.time()
+        mono = self._clock.monotonic()
         for entry in list(self._entries.values()):
-            if entry.aliases and now >= entry.timing.refresh_at:
+            if entry.aliases and entry.due(now, mono):
                 self.retire(entry)
 
     def clear_hot(self) -> None:
@@ -125,15 +165,13 @@ class MemoryTier:
 
     def cancel_timers(self) -> None:
         for entry in self._entries.values():
-            if entry.timer is not None:
-                entry.timer.cancel()
-                entry.timer = None
+            entry.cancel_timer()
 
     def rearm(self, loop: asyncio.AbstractEventLoop) -> None:
         """Re-create every retirement timer on ``loop`` (the old loop's died with it)."""
         self.cancel_timers()
         now = self._clock.time()
+        mono = self._clock.monotonic()
         for entry in self._entries.values():
-            delay = entry.timing.refresh_at - now
-            if delay > 0:
-                entry.timer = loop.call_later(delay, self.retire, entry)
+            if not entry.due(now, mono):
+                self._arm(entry, loop)

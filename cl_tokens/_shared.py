@@ -7,6 +7,7 @@ logs once more when it answers. With ``strict=True`` every fault raises BackendE
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -34,11 +35,18 @@ class SharedTier:
     """Calls a backend, turning its faults into a warning (or BackendError when strict)."""
 
     def __init__(
-        self, backend: TokenBackend, *, clock: Clock, strict: bool, retry_interval: float
+        self,
+        backend: TokenBackend,
+        *,
+        clock: Clock,
+        strict: bool,
+        timeout: float,
+        retry_interval: float,
     ) -> None:
         self.backend = backend
         self._clock = clock
         self._strict = strict
+        self._timeout = timeout
         self._retry_interval = retry_interval
         self._down_until: float | None = None  # monotonic; None while the backend is fine
 
@@ -53,14 +61,17 @@ class SharedTier:
                 close()  # never awaited: close the coroutine so Python does not warn
             return UNAVAILABLE
         try:
-            result = await call
+            # A store that hangs (a blackholed host, a stuck filesystem) is a failed store.
+            result = await asyncio.wait_for(call, self._timeout)
         except Exception as exc:
+            if isinstance(exc, asyncio.TimeoutError):
+                reason = f"no answer within {self._timeout:g} s"
+            else:
+                reason = type(exc).__name__
             error = (
                 exc
                 if isinstance(exc, BackendError)
-                else BackendError(
-                    f"{type(self.backend).__name__} failed to {what}: {type(exc).__name__}"
-                )
+                else BackendError(f"{type(self.backend).__name__} failed to {what}: {reason}")
             )
             if self._strict:
                 if error is exc:
@@ -72,7 +83,7 @@ class SharedTier:
                     "in-process cache and direct fetches until it answers again",
                     self.backend,
                     what,
-                    exc if isinstance(exc, BackendError) else type(exc).__name__,
+                    exc if isinstance(exc, BackendError) else reason,
                 )
             self._down_until = self._clock.monotonic() + self._retry_interval
             return UNAVAILABLE
@@ -96,4 +107,17 @@ class SharedTier:
         return await self._call(self.backend.acquire_lock(key, lease=lease), "take a lock")
 
     async def release(self, handle: LockHandle) -> None:
-        await self._call(self.backend.release_lock(handle), "release a lock")
+        """Release a lock, whatever the backend's state: never skipped, never raising.
+
+        Skipping it because an earlier call failed would leave the lock held for its
+        lease (a file lock: until the process exits); raising from it would hide the
+        error of the fetch it ends.
+        """
+        try:
+            await asyncio.wait_for(self.backend.release_lock(handle), self._timeout)
+        except Exception as exc:
+            logger.warning(
+                "shared token backend %r failed to release a lock (%s); it expires with its lease",
+                self.backend,
+                type(exc).__name__,
+            )

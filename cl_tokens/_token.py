@@ -148,6 +148,7 @@ class Token:
         created_at: the server's ``created_at`` (unix seconds), informational only.
         lifetime: ``expires_in`` as received, in seconds; the refresh window and the
             safety margin are fractions of it, so every process computes the same ones.
+            0 when unknown: the margin and window then apply unclamped.
     """
 
     access_token: str = field(repr=False)
@@ -164,8 +165,8 @@ class Token:
             raise ValueError("access_token must be a non-empty string")
         if not math.isfinite(self.expires_at):
             raise ValueError("expires_at must be a finite number")
-        if self.lifetime <= 0:
-            # Tokens built by hand may omit it; the time left at creation is a fair stand-in.
+        if not self.lifetime > 0:
+            # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
         # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer".
         kind = "Bearer" if self.token_type.lower() == "bearer" else self.token_type

@@ -41,11 +41,15 @@ class Tuning:
         attempt_timeout: the time one request may take.
         auth_failure_cooldown: after the credentials are rejected, calls fail fast with
             the same error for this long instead of calling the endpoint again.
-        lock_lease: how long a shared-backend lock lives if its holder dies.
+        lock_lease: how long a shared-backend lock lives if its holder dies; at least
+            ``fetch_deadline``, so a lock never expires under a fetch still running
+            (which would let a second process fetch too).
         lock_wait: how long to wait for another process's fetch before fetching
             directly (None: ``fetch_deadline + 1``).
         lock_poll_interval: how often a process waiting on another's fetch re-reads the
             shared backend.
+        backend_timeout: the longest one call to the shared backend may take before it
+            counts as a backend failure (a hung store must not hang callers).
         backend_retry_interval: after a shared backend fails, go around it this long
             before trying it again.
         clock_check_interval: how often cached tokens are checked against the wall clock
@@ -67,6 +71,7 @@ class Tuning:
     lock_lease: float = 60.0
     lock_wait: float | None = None
     lock_poll_interval: float = 0.01
+    backend_timeout: float = 2.0
     backend_retry_interval: float = 1.0
     clock_check_interval: float = 1.0
     strict: bool = False
@@ -112,6 +117,10 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
             problems.append((f.name, "must be greater than 0"))
     if not problems and tuning.backoff_cap < tuning.backoff_base:
         problems.append(("backoff_cap", "must be at least backoff_base"))
+    if not problems and tuning.lock_lease < tuning.fetch_deadline:
+        problems.append(
+            ("lock_lease", "must be at least fetch_deadline (a lock must outlive a fetch)")
+        )
     return problems
 
 
@@ -124,14 +133,33 @@ class TokenTiming:
     min_gap: float  # seconds between two refresh attempts of this token
 
 
+def safety_margin(token: Token, tuning: Tuning) -> float:
+    """The margin of ``token``: ``safety_margin``, clamped to 25% of its lifetime.
+
+    A token whose lifetime is unknown (built by hand, stored by another writer) gets the
+    full margin: clamping to a share of the time *left* would shrink it to nothing.
+    """
+    if token.lifetime <= 0:
+        return tuning.safety_margin
+    return min(tuning.safety_margin, 0.25 * token.lifetime)
+
+
 def plan_token(token: Token, tuning: Tuning, now: float, rng: random.Random) -> TokenTiming:
     """Draw the timing of ``token``: margin, refresh moment (with jitter), minimum gap."""
-    lifetime = token.lifetime if token.lifetime > 0 else max(token.expires_at - now, 0.0)
-    margin = min(tuning.safety_margin, 0.25 * lifetime)
-    window = min(tuning.refresh_window, 0.5 * lifetime)
-    jitter = rng.uniform(0.0, min(tuning.refresh_jitter, 0.1 * lifetime))
+    lifetime = token.lifetime
+    if lifetime > 0:
+        window = min(tuning.refresh_window, 0.5 * lifetime)
+        jitter = rng.uniform(0.0, min(tuning.refresh_jitter, 0.1 * lifetime))
+        gap = min(tuning.min_refresh_gap, 0.1 * lifetime)
+    else:
+        window = tuning.refresh_window
+        jitter = rng.uniform(0.0, tuning.refresh_jitter)
+        gap = tuning.min_refresh_gap
+    usable_until = token.expires_at - safety_margin(token, tuning)
     return TokenTiming(
-        usable_until=token.expires_at - margin,
-        refresh_at=token.expires_at - window - jitter,
-        min_gap=max(min(tuning.min_refresh_gap, 0.1 * lifetime), 0.001),
+        usable_until=usable_until,
+        # A window narrower than the margin must still retire the token from the hot
+        # tier before the margin: the hot path checks nothing.
+        refresh_at=min(token.expires_at - window - jitter, usable_until),
+        min_gap=max(gap, 0.001),
     )

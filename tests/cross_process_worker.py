@@ -23,6 +23,7 @@ async def main() -> None:
         auth_url=auth_url,
         backend=backend,
         lock_lease=lease,
+        fetch_deadline=min(30.0, lease),  # a lock must outlive the fetch it guards
         attempts=1,
     ) as manager:
         # Everyone starts at the same instant, so the processes really do hit cold at once.

@@ -69,10 +69,14 @@ async def test_drop_cancels_the_timer_and_leaves_nothing_hot() -> None:
     tier = MemoryTier(Tuning(), clock, random.Random(1))
     tier.await_flight("k", None)
     tier.install("k", _token("x.y.z", clock.time(), 7200))
-    entry = tier.drop("k")
+    entry = tier.get("k")
     assert entry is not None
     assert entry.timer is not None
-    assert entry.timer.cancelled()
+    handle = entry.timer()
+    assert handle is not None
+    assert tier.drop("k") is entry
+    assert handle.cancelled()
+    assert entry.timer is None
     assert tier.headers == {}
     assert tier.tokens == {}
     assert tier.get("k") is None

@@ -38,6 +38,7 @@ TUNING_TEXT: dict[str, tuple[str, Any]] = {
     "lock_lease": ("45", 45.0),
     "lock_wait": ("9", 9.0),
     "lock_poll_interval": ("0.02", 0.02),
+    "backend_timeout": ("0.75", 0.75),
     "backend_retry_interval": ("1.5", 1.5),
     "clock_check_interval": ("0.25", 0.25),
     "strict": ("yes", True),
