@@ -14,7 +14,7 @@ import aiohttp
 
 from ._clock import Clock
 from ._errors import ConfigurationError, TokenEndpointError
-from ._http import error_for, post
+from ._http import error_for, post, redactor
 from ._token import Token
 
 __all__ = ["BodyEncoding", "TokenEndpoint", "auth_url_problem"]
@@ -40,11 +40,16 @@ def auth_url_problem(url: object) -> str | None:
     """
     if not isinstance(url, str) or not url:
         return "must be a URL such as https://auth.commercelayer.io/oauth/token"
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check
+    except ValueError as exc:
+        return f"is not a valid URL ({exc})"
+    if parts.username or parts.password:
+        # Checked first, and the URL not echoed: it carries a credential.
+        return "must not carry credentials in the URL"
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return f"must be an https URL, not {url!r}"
-    if parts.username or parts.password:
-        return "must not carry credentials in the URL"
     if parts.scheme == "http" and not _is_loopback(parts.hostname):
         return "must use https (plain http is allowed only to 127.0.0.1, ::1 or localhost)"
     return None
@@ -70,6 +75,7 @@ class TokenEndpoint:
         self.auth_url = auth_url
         self._client_id = client_id
         self._client_secret = client_secret
+        self._redact = redactor(client_secret)
         self._body_encoding = body_encoding
         self._clock = clock
         self._session = session
@@ -85,10 +91,8 @@ class TokenEndpoint:
         return body
 
     def redact(self, text: str) -> str:
-        """``text`` with any echo of the client secret removed."""
-        if self._client_secret and len(self._client_secret) >= 4:
-            text = text.replace(self._client_secret, "***")
-        return text
+        """``text`` with any echo of the client secret removed, in any encoding."""
+        return self._redact(text)
 
     async def request(self, scope: str | None, timeout: float) -> Token:
         """One POST to the token endpoint, answered within ``timeout`` seconds."""

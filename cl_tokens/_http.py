@@ -11,17 +11,48 @@ import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote, quote_plus
 
 import aiohttp
 
 from ._errors import AuthenticationError, TokenEndpointError
 from ._retry import parse_retry_after
 
-__all__ = ["RETRYABLE_STATUSES", "Answer", "error_fields", "error_for", "post"]
+__all__ = ["RETRYABLE_STATUSES", "Answer", "error_fields", "error_for", "post", "redactor"]
 
 RETRYABLE_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REJECTED_STATUSES = frozenset({400, 401, 403})
 _MAX_BODY = 256 * 1024
+
+
+def redactor(*secrets: str | None) -> Callable[[str], str]:
+    """A function that replaces every echo of ``secrets`` in a text by ``***``.
+
+    A server that echoes the request echoes it as it was sent: verbatim, JSON-escaped,
+    or form-encoded (``+``, ``%2B``...). Each form is removed; secrets shorter than 4
+    characters are left alone (they would blank out ordinary words).
+    """
+    forms: set[str] = set()
+    for secret in secrets:
+        if secret and len(secret) >= 4:
+            forms.update(
+                (
+                    secret,
+                    json.dumps(secret)[1:-1],
+                    quote_plus(secret),
+                    quote_plus(secret, safe="/"),
+                    quote(secret, safe=""),
+                    quote(secret),
+                )
+            )
+    ordered = sorted(forms, key=len, reverse=True)  # longest first: no partial leftovers
+
+    def redact(text: str) -> str:
+        for form in ordered:
+            text = text.replace(form, "***")
+        return text
+
+    return redact
 
 
 @dataclass(frozen=True, slots=True)

@@ -108,6 +108,7 @@ class TokenManager:
         backend_timeout: float = Tuning.backend_timeout,
         backend_retry_interval: float = Tuning.backend_retry_interval,
         clock_check_interval: float = Tuning.clock_check_interval,
+        hot_tier: bool = Tuning.hot_tier,
         strict: bool = Tuning.strict,
     ) -> None:
         problems = _argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
@@ -133,6 +134,7 @@ class TokenManager:
                 backend_timeout=backend_timeout,
                 backend_retry_interval=backend_retry_interval,
                 clock_check_interval=clock_check_interval,
+                hot_tier=hot_tier,
                 strict=strict,
             )
         except ConfigurationError as exc:
@@ -145,6 +147,7 @@ class TokenManager:
         self._scope = scope
         self._auth_url = auth_url
         self._client_secret = client_secret
+        self._body_encoding = body_encoding
         self._session = session
         self._own_session: aiohttp.ClientSession | None = None
         self._endpoint = TokenEndpoint(
@@ -328,6 +331,7 @@ class TokenManager:
             client_id=self._client_id,
             client_secret=self._client_secret,
             timeout=self._tuning.attempt_timeout,
+            form=self._body_encoding == "form",
         )
         await self.invalidate(token.access_token, scope)
         return True
@@ -424,6 +428,9 @@ class TokenManager:
                     self._tier.promote(scope_arg, entry)
                 return entry.token
             self._tier.drop(key)
+            # Not usable here, whatever the wall clock of the shared copy says (it may
+            # have been stepped back): a read of the backend must not bring it back.
+            self._rejected[key] = entry.token.access_token
         self._tier.await_flight(key, scope_arg)
         return self._flights.join(key, partial(self._obtain, key, scope, None))
 
@@ -605,7 +612,7 @@ class TokenManager:
         self._keys[scope_arg] = resolved
         return resolved
 
-    async def _check_clock(self) -> None:
+    async def _check_clock(self, loop: asyncio.AbstractEventLoop) -> None:
         """Retire hot entries that the clocks say are due, whatever the timers did."""
         try:
             while True:
@@ -614,6 +621,10 @@ class TokenManager:
         except GeneratorExit:
             # Closed without being cancelled: its loop was closed under it. Nothing can
             # be awaited any more; the hot tier must not outlive the loop's timers.
+            # (Closed late, by the garbage collector, after the manager moved on to a
+            # new loop: then the state is the new loop's, and is left alone.)
+            if loop is not self._loop:
+                raise
             self._tier.clear_hot()
             if self._own_session is not None:
                 self._own_session.detach()
@@ -641,13 +652,17 @@ class TokenManager:
                 )
             self._move_to(loop)
         if self._keeper is None or self._keeper.done():
-            self._keeper = loop.create_task(self._check_clock(), name="cl_tokens clock check")
+            self._keeper = loop.create_task(self._check_clock(loop), name="cl_tokens clock check")
 
     def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Adopt a new event loop after the old one finished: drop what belonged to it."""
         self._tier.clear_hot()
         self._tier.rearm(loop)
         self._flights.forget()
+        if self._keeper is not None and not self._keeper.done():
+            # Its loop was closed under it: asyncio would report it "destroyed but
+            # pending" at collection, about a task the user never made.
+            self._keeper._log_destroy_pending = False  # type: ignore[attr-defined]
         self._keeper = None
         if self._own_session is not None:
             # Its connections belong to the old loop; they cannot be closed from here.

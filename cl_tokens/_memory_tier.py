@@ -128,6 +128,8 @@ class MemoryTier:
 
     def promote(self, scope_arg: ScopeArg, entry: Entry) -> None:
         """Serve ``entry`` on the hot path to callers passing ``scope_arg``."""
+        if not self._tuning.hot_tier:
+            return
         entry.aliases.add(scope_arg)
         self.tokens[scope_arg] = entry.token
         self.headers[scope_arg] = entry.token.authorization

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ._endpoint import auth_url_problem
-from ._http import error_for, post
+from ._http import error_for, post, redactor
 from ._token import Token, fingerprint
 from ._version import __version__
 
@@ -66,6 +66,7 @@ async def revoke_token(
     client_id: str,
     client_secret: str | None,
     timeout: float,
+    form: bool = False,
 ) -> None:
     """Revoke ``token`` at its issuer's ``/oauth/revoke`` (see ``revocation_url``).
 
@@ -76,6 +77,7 @@ async def revoke_token(
         client_id: the credentials' client id.
         client_secret: the client secret; None for sales-channel credentials.
         timeout: seconds the request may take in all.
+        form: send the body form-encoded (RFC 7009 servers), not as JSON.
 
     Raises:
         AuthenticationError: the endpoint answered 400, 401 or 403.
@@ -86,17 +88,13 @@ async def revoke_token(
     if client_secret is not None:
         body["client_secret"] = client_secret
 
-    def redact(text: str) -> str:
-        for secret in (client_secret, token.access_token):
-            if secret and len(secret) >= 4:
-                text = text.replace(secret, "***")
-        return text
+    redact = redactor(client_secret, token.access_token)
 
     answer = await post(
         session,
         url,
         body=body,
-        form=False,
+        form=form,
         headers={"Accept": "application/json", "User-Agent": f"cl-tokens/{__version__}"},
         timeout=timeout,
         what=f"revocation endpoint {url}",

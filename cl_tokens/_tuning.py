@@ -54,6 +54,11 @@ class Tuning:
             before trying it again.
         clock_check_interval: how often cached tokens are checked against the wall clock
             (catches clock jumps and suspended processes the timers miss).
+        hot_tier: serve warm calls from the hot tier, which loop timers retire at each
+            token's refresh moment. Turn it off when the event loop does not run
+            continuously (a synchronous wrapper that runs the loop only during calls):
+            the first call after a stopped loop restarts runs before its overdue timers.
+            Off, every call checks the clocks (about 1 µs instead of 0.15 µs).
         strict: raise ``BackendError`` when the shared backend fails, instead of
             warning once and carrying on without it.
     """
@@ -74,6 +79,7 @@ class Tuning:
     backend_timeout: float = 2.0
     backend_retry_interval: float = 1.0
     clock_check_interval: float = 1.0
+    hot_tier: bool = True
     strict: bool = False
 
     def __post_init__(self) -> None:
@@ -101,7 +107,7 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for f in fields(tuning):
         value = getattr(tuning, f.name)
-        if f.name == "strict":
+        if f.name in ("strict", "hot_tier"):
             if not isinstance(value, bool):
                 problems.append((f.name, "must be true or false"))
         elif f.name == "attempts":

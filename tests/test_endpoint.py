@@ -159,3 +159,35 @@ async def test_token_fields_follow_the_contract() -> None:
     assert token.lifetime == 3600
     assert token.created_at == 1700000000
     assert header == {"Authorization": "Bearer a.b.c"}
+
+
+@pytest.mark.parametrize(
+    "echo",
+    [
+        "Sup3r+Secret/Value=",  # verbatim
+        "Sup3r%2BSecret%2FValue%3D",  # form-encoded, as a form body is sent
+        "Sup3r%2BSecret/Value%3D",  # percent-encoded with / kept
+    ],
+)
+async def test_an_echoed_secret_is_removed_in_every_encoding(echo: str) -> None:
+    secret = "Sup3r+Secret/Value="
+    with aioresponses() as mocked:
+        mocked.post(
+            URL_,
+            status=401,
+            payload={"error": "invalid_client", "error_description": f"got client_secret={echo}"},
+        )
+        async with TokenManager("id", secret, attempts=1, body_encoding="form") as manager:
+            with pytest.raises(AuthenticationError) as info:
+                await manager.header()
+    assert echo not in str(info.value)
+    assert "client_secret=***" in str(info.value)
+
+
+def test_backend_urls_in_messages_hide_passwords_and_query_values() -> None:
+    from cl_tokens.backends._base import redact_url
+
+    assert redact_url("redis://u:pw@h:6379/0?password=TOP&db=1") == (
+        "redis://u:***@h:6379/0?password=***&db=***"
+    )
+    assert redact_url("redis://:pw@[::1/0") == "<unparseable URL>"

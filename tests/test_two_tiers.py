@@ -194,3 +194,65 @@ def test_a_third_party_backend_registers_its_scheme() -> None:
         from cl_tokens.backends import _base
 
         del _base._REGISTRY["test-dict"]
+
+
+class FailingWriteBackend(MemoryBackend):
+    """A store whose next write fails (a full disk, a Redis blip)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fail_next_set = True
+        self.releases = 0
+
+    async def set(self, key: str, token: Token) -> None:
+        if self.fail_next_set:
+            self.fail_next_set = False
+            raise OSError(28, "No space left on device")
+        await super().set(key, token)
+
+    async def release_lock(self, handle: LockHandle) -> None:
+        self.releases += 1
+        await super().release_lock(handle)
+
+
+async def test_a_failed_write_still_releases_the_lock(server: FakeAuthServer) -> None:
+    backend = FailingWriteBackend()
+    options = {"auth_url": server.url, "backend": backend, "fetch_deadline": 2.0}
+    async with TokenManager(server.client_id, server.client_secret, **options) as first:
+        await first.token()
+    assert backend.releases == 1
+    from cl_tokens._keys import cache_key
+
+    # Nobody holds it: another manager (another process) gets it at once.
+    handle = await backend.acquire_lock(cache_key(server.url, server.client_id, None), lease=1)
+    assert handle is not None
+
+
+class HangingBackend(MemoryBackend):
+    """A store that never answers (a blackholed Redis host, a stuck filesystem)."""
+
+    async def get(self, key: str) -> Token | None:
+        await asyncio.sleep(3600)
+        return None
+
+    async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
+        await asyncio.sleep(3600)
+        return None
+
+
+async def test_a_hanging_backend_costs_backend_timeout_not_a_hang(
+    server: FakeAuthServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    async with TokenManager(
+        server.client_id,
+        server.client_secret,
+        auth_url=server.url,
+        backend=HangingBackend(),
+        backend_timeout=0.2,
+    ) as manager:
+        started = asyncio.get_running_loop().time()
+        await manager.header()
+        assert asyncio.get_running_loop().time() - started < 1.0
+    assert server.token_requests == 1
+    assert any("no answer within 0.2 s" in r.getMessage() for r in caplog.records)

@@ -64,13 +64,20 @@ class BackendURL:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (for messages and repr)."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    userinfo = netloc[0].split(":", 1)[0]
-    return parts._replace(netloc=f"{userinfo}:***@{netloc[1]}").geturl()
+    """``url`` fit for messages and repr: any password and every query value (redis-py
+    takes ``?password=``) replaced by ``***``."""
+    try:
+        parts = urlsplit(url)
+        password = parts.password
+    except ValueError:
+        return "<unparseable URL>"
+    if password is not None:
+        userinfo, host = parts.netloc.rsplit("@", 1)
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    if parts.query:
+        masked = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, True))
+        parts = parts._replace(query=masked)
+    return parts.geturl()
 
 
 @dataclass(frozen=True)
@@ -185,11 +192,23 @@ def backend_from_url(url: str, **options: Any) -> TokenBackend:
             f"backend must be a URL such as memory://, file:///path or redis://host:6379/0, "
             f"not {redact_url(url) if isinstance(url, str) else type(url).__name__!r}"
         )
-    parsed = BackendURL.parse(url)
+    try:
+        parsed = BackendURL.parse(url)
+    except ValueError as exc:
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
     cls = _REGISTRY.get(parsed.scheme)
     if cls is None:
         raise ConfigurationError(
             f"unknown backend scheme {parsed.scheme!r} in {redact_url(url)!r}; "
             f"known schemes: {', '.join(known_schemes())}"
         )
-    return cls.from_url(parsed, **options)
+    try:
+        return cls.from_url(parsed, **options)
+    except ValueError as exc:
+        if isinstance(exc, ConfigurationError):
+            raise
+        raise ConfigurationError(
+            f"invalid backend URL {redact_url(url)!r}: {type(exc).__name__}"
+        ) from None
