@@ -115,12 +115,13 @@ class TokenMiddleware:
     Use ``aiohttp.ClientSession(middlewares=[manager.aiohttp_middleware()])``.
 
     Each request to a Commerce Layer host (see ``TokenDestinations``) gets
-    ``Authorization: Bearer <token>``. On a 401 it invalidates exactly the token it sent
-    (a hundred requests that saw the same stale token cause one new token request, and
-    a token someone already replaced is left alone) and sends the request again, once,
-    with the fresh token. A second 401 is returned to the caller as is; so is the first
-    when no different token can be had or the request body cannot be sent again (a
-    streamed upload).
+    ``Authorization: Bearer <token>``. On every 401 it invalidates exactly the token it
+    sent (a hundred requests that saw the same stale token cause one new token request,
+    and a token someone already replaced is left alone) and sends the request again,
+    once, with the fresh token. A second 401 is returned to the caller as is; so is the
+    first when no different token can be had or the request body cannot be sent again
+    (a streamed upload: the rejected token is still invalidated, so the caller's own
+    retry gets a fresh one).
 
     Left untouched, without retry: a request that already has an ``Authorization``
     header (the caller's explicit choice wins), a request to another host, and the
@@ -170,12 +171,16 @@ class TokenMiddleware:
         sent = await self._token()
         request.headers[hdrs.AUTHORIZATION] = sent.authorization
         response = await handler(request)
-        if response.status != 401 or _consumed(request):
+        if response.status != 401:
             return response
         # Read the small error body now: that gives the connection back to the pool
         # before waiting for a new token, and keeps the body readable if returned.
         await response.read()
+        # Every 401 drops the token it refused, retried or not: left cached, it would
+        # be handed out (and refused) again until it expired.
         await self._manager.invalidate(sent.access_token, self._scope)
+        if _consumed(request):
+            return response  # a streamed upload cannot be sent again
         fresh = await self._token()
         if fresh.access_token == sent.access_token:
             return response  # the same token would only be refused again

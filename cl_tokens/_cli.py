@@ -6,8 +6,9 @@ overridable by flags; the client secret only from the environment or stdin
 history.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error, 3 credentials
-rejected, 4 token endpoint or backend unavailable. Errors are one line on stderr; a
-traceback only with ``--debug``.
+rejected, 4 token endpoint or backend unavailable, 141 (128 + SIGPIPE) stdout closed by
+its reader (``cl-tokens token | head -c0``), which is not reported. Errors are one line
+on stderr; a traceback only with ``--debug``.
 
 To add a command, write ``async def run(args) -> int`` and add it to ``COMMANDS``.
 """
@@ -16,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import getpass
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -37,6 +41,7 @@ from ._settings import Settings, Sources, env_sources, settings_from_sources
 from ._token import Token, fingerprint
 from ._version import __version__
 from .backends._base import redact_url
+from .backends._codec import make_codec
 
 __all__ = [
     "COMMANDS",
@@ -53,6 +58,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_REJECTED = 3
 EXIT_UNAVAILABLE = 4
+EXIT_BROKEN_PIPE = 128 + 13  # 128 + SIGPIPE, as a shell reports a process killed by it
 
 # Flags that override a setting from the environment: flag dest -> Settings field.
 _OVERRIDES = {
@@ -75,7 +81,8 @@ class Command:
         help: one line for ``cl-tokens --help``.
         run: the command: takes the parsed arguments, returns the exit code.
         arguments: adds the command's own options to its parser.
-        hidden: left out of ``--help`` (internal commands).
+        hidden: an internal command: left out of ``--help`` and of argparse's
+            "invalid choice" list; run only as the first argument.
     """
 
     help: str
@@ -98,11 +105,32 @@ def _sources(args: argparse.Namespace) -> Sources:
         label = sources["client_id"][1]
         sources["client_id"] = (None, f"{label} (or --client-id)")
     if getattr(args, "client_secret_stdin", False):
-        secret = sys.stdin.readline().rstrip("\r\n")
+        secret = _secret_from_stdin()
         if not secret:
             raise ConfigurationError("--client-secret-stdin: the first line of stdin is empty")
         sources["client_secret"] = (secret, "--client-secret-stdin")
     return sources
+
+
+def _secret_from_stdin() -> str:
+    """The first line of stdin; typed without echo when stdin is a terminal."""
+    stdin = sys.stdin
+    if stdin is None or stdin.closed:  # None: started with stdin closed (``<&-``)
+        raise ConfigurationError(
+            "stdin is closed: --client-secret-stdin reads the client secret from the "
+            "first line of stdin; pipe it in, or set CL_CLIENT_SECRET"
+        )
+    try:
+        if stdin.isatty():
+            return getpass.getpass("client secret: ")
+        return stdin.readline().rstrip("\r\n")
+    except EOFError:  # Ctrl-D at the prompt
+        return ""
+    # OSError: an unreadable stdin; ValueError: not text (never echo what was read).
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(
+            f"--client-secret-stdin: cannot read stdin ({type(exc).__name__})"
+        ) from None
 
 
 def configure(args: argparse.Namespace) -> tuple[Settings, TokenManager]:
@@ -116,11 +144,20 @@ def configure(args: argparse.Namespace) -> tuple[Settings, TokenManager]:
     """
     sources = _sources(args)
     settings = settings_from_sources(sources)
+    options = settings.manager_kwargs()["backend_options"] or {}
+    if "encryption_key" in options:
+        # Settings has checked the key; loading it here too keeps any problem the codec
+        # finds named by the key's variable, not blamed on the backend URL.
+        try:
+            make_codec(options["encryption_key"])
+        except ConfigurationError as error:
+            label = sources.get("encryption_key", (None, "CL_TOKEN_ENCRYPTION_KEY"))[1]
+            raise ConfigurationError(f"{label}: {error}") from None
     try:
         return settings, TokenManager.from_settings(settings)
     except ConfigurationError as error:
-        # Settings checks the backend's scheme; the rest of its URL (a file:// path, a
-        # redis:// database) only the backend itself knows, so name where it came from.
+        # Settings checks the backend's scheme and file:// paths; the rest of its URL
+        # (a redis:// database) only the backend knows, so name where it came from.
         label = sources.get("backend", (None, "CL_TOKEN_BACKEND"))[1]
         raise ConfigurationError(f"{label} {redact_url(settings.backend)!r}: {error}") from None
 
@@ -294,7 +331,8 @@ configuration (environment variables; an empty one counts as unset):
   CL_SAFETY_MARGIN, CL_ATTEMPTS, CL_FETCH_DEADLINE, ... every tuning option, upper case
 
 exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error,
-  3 credentials rejected, 4 token endpoint or backend unavailable
+  3 credentials rejected, 4 token endpoint or backend unavailable,
+  141 stdout closed by its reader (a pipe), not reported
 """
 
 
@@ -323,7 +361,12 @@ def _common_options() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``cl-tokens`` argument parser, one subparser per entry of ``COMMANDS``."""
+    """The ``cl-tokens`` argument parser, one subparser per public entry of ``COMMANDS``.
+
+    Hidden commands are left out altogether (not only from ``--help``: argparse would
+    list them in its "invalid choice" message); ``main`` parses them with
+    ``_hidden_parser`` when one is the first argument.
+    """
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="cl-tokens",
@@ -336,18 +379,40 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, command in COMMANDS.items():
-        extra: dict[str, Any] = {} if command.hidden else {"help": command.help}
+        if command.hidden:
+            continue
         sub = subparsers.add_parser(
             name,
             parents=[common],
+            help=command.help,
             description=command.help,
             epilog=_EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             allow_abbrev=False,
-            **extra,
         )
         command.arguments(sub)
     return parser
+
+
+def _hidden_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of the hidden command ``name``: ``cl-tokens <name> [options]``."""
+    command = COMMANDS[name]
+    parser = argparse.ArgumentParser(
+        prog=f"cl-tokens {name}",
+        description=command.help,
+        parents=[_common_options()],
+        allow_abbrev=False,
+    )
+    command.arguments(parser)
+    parser.set_defaults(command=name)
+    return parser
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    """The parsed command line; usage errors exit 2 (argparse's ``SystemExit``)."""
+    if argv and argv[0] in COMMANDS and COMMANDS[argv[0]].hidden:
+        return _hidden_parser(argv[0]).parse_args(argv[1:])
+    return build_parser().parse_args(argv)
 
 
 def exit_code(error: BaseException) -> int:
@@ -377,8 +442,41 @@ def _configure_logging(verbose: bool, debug: bool) -> None:
     )
 
 
+_SECRET_FLAG = "clientsecret"
+# "--client-se": the shortest abbreviation of --client-secret that is taken for it.
+_SECRET_ABBREVIATION = len("clientse")
+
+
 def _is_secret_flag(arg: str) -> bool:
-    return arg.startswith("--client-secret") and arg != "--client-secret-stdin"
+    """Whether ``arg`` looks like an attempt to pass the client secret as a flag.
+
+    That is ``--client-secret[...]`` (but ``--client-secret-stdin`` itself),
+    ``--secret[...]``, an abbreviation such as ``--client-secre``, in any case and
+    with ``_`` for ``-``. argparse would echo such a flag and its value in its
+    "unrecognized arguments" message, so ``main`` refuses it before argparse parses.
+    """
+    if not arg.startswith("-") or arg == "--client-secret-stdin":
+        return False
+    name = arg.split("=", 1)[0].lower()
+    compact = name.lstrip("-").replace("-", "").replace("_", "")
+    return (
+        compact.startswith(_SECRET_FLAG)
+        or compact.startswith("secret")
+        or (len(compact) >= _SECRET_ABBREVIATION and _SECRET_FLAG.startswith(compact))
+    )
+
+
+def _stdout_closed() -> int:
+    """Quiet ``stdout`` after its reader went away (``cl-tokens token | true``).
+
+    As the Python docs advise for ``BrokenPipeError``: point stdout at devnull, so
+    the interpreter's own flush at exit finds no broken pipe to complain about.
+    """
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    return EXIT_BROKEN_PIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -387,7 +485,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: the arguments after the program name (default: ``sys.argv[1:]``).
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        try:
+            return _main(sys.argv[1:] if argv is None else list(argv))
+        finally:
+            # Flushed here, not at interpreter exit, so a closed pipe is caught below.
+            if sys.stdout is not None:
+                sys.stdout.flush()
+    except BrokenPipeError:
+        return _stdout_closed()
+
+
+def _main(argv: list[str]) -> int:
     if any(_is_secret_flag(arg) for arg in argv):
         # Caught before argparse, whose "unrecognized arguments" message would echo it.
         print(
@@ -396,7 +505,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    args = build_parser().parse_args(argv)  # usage errors exit 2 here
+    args = _parse(argv)  # usage errors exit 2 here
     debug = bool(getattr(args, "debug", False))
     _configure_logging(bool(getattr(args, "verbose", False)), debug)
     command = COMMANDS[args.command]
@@ -404,6 +513,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(command.run(args))
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # the reader of stdout went away: main exits quietly with 141
     except Exception as error:
         if debug:
             traceback.print_exc()

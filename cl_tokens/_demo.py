@@ -370,9 +370,16 @@ class _Worker:
         process = self.process
         assert process.stdin is not None
         assert process.stdout is not None
-        process.stdin.write(b"go\n")
-        await process.stdin.drain()
-        process.stdin.close()
+        try:
+            process.stdin.write(b"go\n")
+            await process.stdin.drain()
+            process.stdin.close()
+        # A worker that died has no stdin to write to; its own error says why. (A
+        # BrokenPipeError here must not pass for the demo's stdout being closed.)
+        except (BrokenPipeError, ConnectionResetError):
+            raise DemoError(
+                f"demo worker {self.index + 1} exited early ({await self._error()})"
+            ) from None
         result: dict[str, list[float]] | None = None
         async for line in process.stdout:
             message = json.loads(line)

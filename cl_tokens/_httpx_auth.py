@@ -27,10 +27,12 @@ class TokenAuth(httpx.Auth):
 
     Use ``httpx.AsyncClient(auth=manager.httpx_auth())``. It behaves like the aiohttp
     middleware: each request to a Commerce Layer host (see ``TokenDestinations``) gets
-    ``Authorization: Bearer <token>``; on a 401 it invalidates exactly the token it sent
-    and sends the request once more with a fresh token; a second 401 is returned as is.
-    A request that already has an ``Authorization`` header, a request to another host,
-    and a 401 to a request whose streamed body cannot be sent again are left alone.
+    ``Authorization: Bearer <token>``; on every 401 it invalidates exactly the token it
+    sent and sends the request once more with a fresh token; a second 401 is returned as
+    is. A request that already has an ``Authorization`` header and a request to another
+    host are left alone. A 401 to a request whose streamed body cannot be sent again is
+    returned without a retry, but its token is still invalidated, so the caller's own
+    retry gets a fresh one.
 
     Only ``httpx.AsyncClient`` is supported: the manager is asynchronous. When no token
     can be had, the manager's ``TokenError`` comes out of ``client.get(...)`` and the
@@ -81,11 +83,15 @@ class TokenAuth(httpx.Auth):
         sent = await self._manager.token(self._scope)
         request.headers["Authorization"] = sent.authorization
         response = yield request
-        if response.status_code != 401 or not _replayable(request):
+        if response.status_code != 401:
             return
         if response.request.headers.get("Authorization") != sent.authorization:
             return  # a redirect took it elsewhere (httpx strips the token across origins)
+        # Every 401 drops the token it refused, retried or not: left cached, it would
+        # be handed out (and refused) again until it expired.
         await self._manager.invalidate(sent.access_token, self._scope)
+        if not _replayable(request):
+            return  # a streamed upload cannot be sent again
         fresh = await self._manager.token(self._scope)
         if fresh.access_token == sent.access_token:
             return  # the same token would only be refused again

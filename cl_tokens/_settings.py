@@ -21,6 +21,7 @@ from ._manager import DEFAULT_AUTH_URL
 from ._tuning import Tuning, tuning_problems
 from .backends import known_schemes
 from .backends._base import redact_url
+from .backends._file import file_url_problem
 
 __all__ = ["ENV_NAMES", "Settings"]
 
@@ -28,6 +29,10 @@ DEFAULT_BACKEND = "memory://"
 
 TUNING_NAMES: tuple[str, ...] = Tuning.names()
 _TUNING_DEFAULTS: dict[str, Any] = {f.name: f.default for f in fields(Tuning)}
+#: The tuning options read as booleans (``strict``, ``hot_tier``).
+_BOOLEAN_NAMES = frozenset(
+    name for name, value in _TUNING_DEFAULTS.items() if isinstance(value, bool)
+)
 _SECRETS = frozenset({"client_secret", "encryption_key"})
 _TEXT_FIELDS = ("client_id", "client_secret", "scope", "auth_url", "backend", "encryption_key")
 
@@ -63,10 +68,12 @@ class Settings(Tuning):
         auth_url: the token endpoint.
         backend: where tokens are shared, as a URL: ``memory://`` (this process only),
             ``file:///var/cache/cl-tokens`` (the processes of a machine) or
-            ``redis://localhost:6379/0`` (every machine).
+            ``redis://localhost:6379/0`` (every machine). A ``file://`` URL needs an
+            absolute directory: ``file:///var/cache/cl-tokens``, three slashes.
         encryption_key: a Fernet key to encrypt the tokens a file or redis backend
             stores (needs ``pip install 'cl-tokens[encryption]'``); to rotate keys,
             list them comma-separated, new first: the first encrypts, all decrypt.
+            Each key is checked here, and reported under this field's name.
         body_encoding: ``"json"`` (Commerce Layer) or ``"form"`` (RFC 6749 servers).
         **tuning: any option of ``Tuning`` (``safety_margin``, ``attempts``, ...).
 
@@ -239,7 +246,7 @@ def _parse(name: str, raw: Any) -> Any:
     if not isinstance(raw, str):
         return raw
     text = raw.strip()
-    if name == "strict":
+    if name in _BOOLEAN_NAMES:
         if text.lower() in _TRUE:
             return True
         if text.lower() in _FALSE:
@@ -289,9 +296,7 @@ def _problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     if url_problem:
         problems.append(("auth_url", url_problem))
     if isinstance(backend, str):
-        backend_problem = _backend_problem(backend, values.get("encryption_key"))
-        if backend_problem:
-            problems.append(backend_problem)
+        problems.extend(_backend_problems(backend, values.get("encryption_key")))
     body_encoding = values.get("body_encoding", "json")
     if body_encoding not in ("json", "form"):
         shown = _shown(body_encoding) if isinstance(body_encoding, str) else repr(body_encoding)
@@ -304,27 +309,75 @@ def _problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
     return list(first.items())
 
 
-def _backend_problem(backend: str, encryption_key: object) -> tuple[str, str] | None:
+def _backend_problems(backend: str, encryption_key: object) -> list[tuple[str, str]]:
+    """The problems of the backend URL and of the encryption key that goes with it.
+
+    Each is reported under its own name: a bad key is the key's problem, not the
+    backend's. What only a backend can tell (a redis:// database, a reachable host) is
+    left to the backend.
+    """
+    problems: list[tuple[str, str]] = []
     schemes = known_schemes()
     scheme = backend.split("://", 1)[0].lower() if "://" in backend else None
     if scheme is None:
-        return (
-            "backend",
-            "must be a URL such as memory://, file:///var/cache/cl-tokens or "
-            f"redis://localhost:6379/0, not {redact_url(backend)!r}",
+        # Not a URL at all: maybe a value pasted into the wrong variable, so cut short.
+        problems.append(
+            (
+                "backend",
+                "must be a URL such as memory://, file:///var/cache/cl-tokens or "
+                f"redis://localhost:6379/0, not {_shown(backend)}",
+            )
         )
-    if scheme not in schemes:
-        return (
-            "backend",
-            f"has an unknown scheme {scheme!r} in {redact_url(backend)!r} "
-            f"(known: {', '.join(s + '://' for s in schemes)})",
+    elif scheme not in schemes:
+        problems.append(
+            (
+                "backend",
+                f"has an unknown scheme {scheme!r} in {redact_url(backend)!r} "
+                f"(known: {', '.join(s + '://' for s in schemes)})",
+            )
         )
-    if scheme == "memory" and encryption_key:
-        return (
-            "encryption_key",
-            "is only used by backends that store tokens outside the process "
-            "(file://, redis://), not memory://",
-        )
+    elif scheme == "file":
+        url_problem = file_url_problem(backend)
+        if url_problem:
+            problems.append(("backend", f"{redact_url(backend)!r}: {url_problem}"))
+    if isinstance(encryption_key, str) and encryption_key:
+        if scheme == "memory":
+            problems.append(
+                (
+                    "encryption_key",
+                    "is only used by backends that store tokens outside the process "
+                    "(file://, redis://), not memory://",
+                )
+            )
+        elif encryption_key == encryption_key.strip():  # else already reported
+            key_problem = _encryption_key_problem(encryption_key)
+            if key_problem:
+                problems.append(("encryption_key", key_problem))
+    return problems
+
+
+def _encryption_key_problem(text: str) -> str | None:
+    """Why ``text`` (Fernet keys, comma-separated) cannot encrypt, or None.
+
+    The same check the backends' codec makes when it loads the keys, done here so the
+    problem is named by the key's variable. Never echoes a key.
+    """
+    keys = [key.strip() for key in text.split(",") if key.strip()]
+    if not keys:
+        return "has no key; give one Fernet key, or several separated by commas"
+    try:
+        from cryptography.fernet import Fernet
+    except ImportError:
+        return "needs the encryption extra: pip install 'cl-tokens[encryption]'"
+    for position, key in enumerate(keys, 1):
+        try:
+            Fernet(key)
+        except (ValueError, TypeError):
+            which = f" (key #{position} of {len(keys)})" if len(keys) > 1 else ""
+            return (
+                f"is not a Fernet key{which}: it must be url-safe base64 of 32 bytes; make "
+                "one with cryptography.fernet.Fernet.generate_key()"
+            )
     return None
 
 

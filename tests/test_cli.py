@@ -6,7 +6,10 @@ The server runs on the test's event loop, so the CLI runs under
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import getpass
+import io
 import json
 import os
 import re
@@ -18,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from cl_tokens import Token, __version__
+from cl_tokens import ConfigurationError, Token, __version__, _cli, _settings
 from cl_tokens._cli import describe_token
 from cl_tokens._settings import Settings
 from cl_tokens.testing import FakeAuthServer
@@ -36,9 +39,18 @@ class Run:
 
 
 async def cl_tokens(
-    *args: str, env: dict[str, str], stdin: str | None = None, timeout: float = 60
+    *args: str,
+    env: dict[str, str],
+    stdin: str | None = None,
+    timeout: float = 60,
+    close_stdin: bool = False,
+    stdout: int = asyncio.subprocess.PIPE,
 ) -> Run:
-    """Run ``python -m cl_tokens *args`` without blocking the loop the server runs on."""
+    """Run ``python -m cl_tokens *args`` without blocking the loop the server runs on.
+
+    ``close_stdin`` starts it with no stdin at all (like ``<&-`` in a shell); ``stdout``
+    may be a file descriptor to write to instead of a pipe read here.
+    """
     started = time.monotonic()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -46,9 +58,10 @@ async def cl_tokens(
         "cl_tokens",
         *args,
         stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.PIPE,
+        stdout=stdout,
         stderr=asyncio.subprocess.PIPE,
         env=env,
+        preexec_fn=(lambda: os.close(0)) if close_stdin else None,
     )
     try:
         out, err = await asyncio.wait_for(
@@ -59,7 +72,17 @@ async def cl_tokens(
             process.kill()
             await process.wait()
     assert process.returncode is not None
-    return Run(process.returncode, out.decode(), err.decode(), time.monotonic() - started)
+    return Run(process.returncode, (out or b"").decode(), err.decode(), time.monotonic() - started)
+
+
+async def cl_tokens_into_closed_pipe(*args: str, env: dict[str, str]) -> Run:
+    """Run ``cl-tokens *args`` with stdout a pipe whose reader is gone (``| true``)."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        return await cl_tokens(*args, env=env, stdout=write_end)
+    finally:
+        os.close(write_end)
 
 
 def clean_env(**values: str) -> dict[str, str]:
@@ -205,8 +228,54 @@ async def test_empty_stdin_secret_is_a_configuration_error(env: dict[str, str]) 
     assert "--client-secret-stdin" in assert_one_error_line(run)
 
 
+async def test_closed_stdin_is_a_configuration_error(env: dict[str, str]) -> None:
+    env.pop("CL_CLIENT_SECRET")
+    run = await cl_tokens("token", "--client-secret-stdin", env=env, close_stdin=True)
+    assert run.code == 2, run.stderr
+    line = assert_one_error_line(run)
+    assert line.startswith("cl-tokens: error: stdin is closed: --client-secret-stdin")
+    assert "AttributeError" not in line
+
+
+def test_client_secret_from_a_terminal_is_read_without_echo(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    prompts: list[str] = []
+
+    def fake_getpass(prompt: str = "Password: ", stream: object = None) -> str:
+        prompts.append(prompt)
+        return SECRET
+
+    terminal = Terminal("echoed-if-read-with-readline\n")
+    monkeypatch.setattr(sys, "stdin", terminal)
+    monkeypatch.setattr(getpass, "getpass", fake_getpass)
+    monkeypatch.setenv("CL_CLIENT_ID", "my-client")
+    sources = _cli._sources(argparse.Namespace(client_secret_stdin=True))
+    assert sources["client_secret"] == (SECRET, "--client-secret-stdin")
+    assert prompts == ["client secret: "]
+    assert terminal.tell() == 0  # nothing read through the echoing stream
+
+
 @pytest.mark.parametrize(
-    "flag", ["--client-secret", f"--client-secret={WRONG_SECRET}", "--client-secret-stdin=x"]
+    "flag",
+    [
+        "--client-secret",
+        f"--client-secret={WRONG_SECRET}",
+        "--client-secret-stdin=x",
+        "--client-secret-s",
+        "--client-secre",
+        f"--client-secre={WRONG_SECRET}",
+        "--client-se",
+        "--client_secret",
+        "--CLIENT-SECRET",
+        "--secret",
+        f"--secret={WRONG_SECRET}",
+        "--secret-key",
+    ],
 )
 async def test_the_secret_is_never_taken_from_a_flag(env: dict[str, str], flag: str) -> None:
     run = await cl_tokens("token", flag, WRONG_SECRET, env=env)
@@ -214,6 +283,13 @@ async def test_the_secret_is_never_taken_from_a_flag(env: dict[str, str], flag: 
     line = assert_one_error_line(run)
     assert "never taken from a flag" in line
     assert WRONG_SECRET not in run.stdout + run.stderr
+
+
+@pytest.mark.parametrize(
+    "arg", ["--client-secret-stdin", "--client-id", "--client-id=x", "--client", "-v", "token"]
+)
+def test_other_arguments_are_not_taken_for_secret_flags(arg: str) -> None:
+    assert not _cli._is_secret_flag(arg)
 
 
 async def test_missing_client_id_exits_2_naming_the_variable(env: dict[str, str]) -> None:
@@ -253,7 +329,45 @@ async def test_bad_backend_url_exits_2(env: dict[str, str]) -> None:
     run = await cl_tokens("token", env=env)
     assert run.code == 2
     line = assert_one_error_line(run)
-    assert "CL_TOKEN_BACKEND 'file://': a file:// URL needs a directory" in line
+    assert "CL_TOKEN_BACKEND 'file://': a file:// URL needs an absolute directory" in line
+
+
+async def test_relative_file_backend_path_is_named_by_flag(env: dict[str, str]) -> None:
+    run = await cl_tokens("token", "--backend", "file://var/cache/cl-tokens", env=env)
+    assert run.code == 2
+    line = assert_one_error_line(run)
+    assert "--backend 'file://var/cache/cl-tokens': a file:// URL takes an absolute path" in line
+
+
+async def test_bad_encryption_key_is_named_by_its_variable(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    key = "not-a-fernet-key-VALUE-0a1b2c3d"
+    env.update(CL_TOKEN_BACKEND=f"file://{tmp_path}", CL_TOKEN_ENCRYPTION_KEY=key)
+    run = await cl_tokens("token", env=env)
+    assert run.code == 2
+    line = assert_one_error_line(run)
+    assert "CL_TOKEN_ENCRYPTION_KEY is not a Fernet key" in line
+    assert "CL_TOKEN_BACKEND" not in line
+    assert key not in run.stdout + run.stderr
+
+
+def test_a_key_the_codec_refuses_is_not_blamed_on_the_backend(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # Should Settings ever let a key through that the codec refuses, the CLI still
+    # names the key's variable, not CL_TOKEN_BACKEND.
+    monkeypatch.setattr(_settings, "_encryption_key_problem", lambda text: None)
+    monkeypatch.setenv("CL_CLIENT_ID", "my-client")
+    monkeypatch.setenv("CL_TOKEN_BACKEND", f"file://{tmp_path}")
+    monkeypatch.setenv("CL_TOKEN_ENCRYPTION_KEY", "not-a-fernet-key")
+    with pytest.raises(ConfigurationError) as caught:
+        _cli.configure(argparse.Namespace())
+    message = str(caught.value)
+    assert message.startswith("CL_TOKEN_ENCRYPTION_KEY: ")
+    assert "not a Fernet key" in message
+    assert "CL_TOKEN_BACKEND" not in message
+    assert "not-a-fernet-key" not in message
 
 
 @pytest.mark.parametrize("args", [[], ["frobnicate"], ["token", "--no-such-flag"]])
@@ -261,6 +375,32 @@ async def test_usage_errors_exit_2(env: dict[str, str], args: list[str]) -> None
     run = await cl_tokens(*args, env=env)
     assert run.code == 2
     assert "usage: cl-tokens" in run.stderr
+
+
+async def test_hidden_commands_are_not_offered(env: dict[str, str]) -> None:
+    run = await cl_tokens("frobnicate", env=env)
+    assert run.code == 2
+    assert "invalid choice: 'frobnicate' (choose from 'token', 'header'" in run.stderr
+    assert "_demo-worker" not in run.stderr
+    worker = await cl_tokens("_demo-worker", env=env)  # still there for the demo
+    assert worker.code == 2
+    assert "the following arguments are required: --callers" in worker.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["token"],
+        ["header"],
+        ["inspect"],
+        ["inspect", "--json"],
+        ["demo", "--callers", "50", "--latency-ms", "1"],
+    ],
+)
+async def test_closed_stdout_exits_141_quietly(env: dict[str, str], args: list[str]) -> None:
+    run = await cl_tokens_into_closed_pipe(*args, env=env)
+    assert run.code == 141, run.stderr
+    assert run.stderr == ""
 
 
 async def test_version_and_help(env: dict[str, str]) -> None:
@@ -271,6 +411,7 @@ async def test_version_and_help(env: dict[str, str]) -> None:
     assert help_.code == 0
     for command in ("token", "header", "inspect", "revoke", "demo", "CL_TOKEN_BACKEND"):
         assert command in help_.stdout
+    assert "141 stdout closed by its reader" in help_.stdout
     assert "_demo-worker" not in help_.stdout
 
 

@@ -85,9 +85,12 @@ class SteppingClock:
 
 async def test_a_wall_clock_stepped_back_does_not_revive_an_expired_token() -> None:
     clock = SteppingClock()
-    async with FakeAuthServer(expires_in=2) as server, TokenManager(
-        server.client_id, server.client_secret, auth_url=server.url, clock=clock
-    ) as manager:
+    async with (
+        FakeAuthServer(expires_in=2) as server,
+        TokenManager(
+            server.client_id, server.client_secret, auth_url=server.url, clock=clock
+        ) as manager,
+    ):
         first = await manager.token()
         clock.offset = -60.0
         await asyncio.sleep(2.2)  # expired by the monotonic clock, fresh by the wall one
@@ -100,9 +103,12 @@ async def test_a_wall_clock_stepped_back_does_not_revive_an_expired_token() -> N
 async def test_a_reissued_token_inside_its_margin_is_not_handed_to_blocked_callers() -> None:
     # Like Commerce Layer with a refresh window wider than its reissue window: the same
     # token comes back until only reissue_window of its life is left.
-    async with FakeAuthServer(expires_in=8, reissue_window=1.0) as server, TokenManager(
-        server.client_id, server.client_secret, auth_url=server.url, attempts=1
-    ) as manager:
+    async with (
+        FakeAuthServer(expires_in=8, reissue_window=1.0) as server,
+        TokenManager(
+            server.client_id, server.client_secret, auth_url=server.url, attempts=1
+        ) as manager,
+    ):
         first = await manager.token()  # margin 2 s, refresh window 4 s
         await asyncio.sleep(first.expires_at - time.time() - 2.6)
         server.delay_next(1, seconds=1.0)
@@ -110,4 +116,3 @@ async def test_a_reissued_token_inside_its_margin_is_not_handed_to_blocked_calle
         await asyncio.sleep(0.7)  # now inside the margin: callers block on that flight
         with pytest.raises(TokenEndpointError, match="inside the safety margin"):
             await manager.token()
-

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import stat
@@ -86,6 +87,73 @@ async def test_modes_are_private(backend: FileBackend) -> None:
     assert stat.S_IMODE(backend.directory.stat().st_mode) == 0o700
     for path in backend.directory.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
+
+
+def _directory_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "file backend directory" in r.getMessage()]
+
+
+async def test_fresh_directory_is_created_private_without_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    async with FileBackend(tmp_path / "fresh") as backend:
+        await backend.set(KEY, make_token())
+        await backend.set(KEY, make_token())
+    assert stat.S_IMODE((tmp_path / "fresh").stat().st_mode) == 0o700
+    assert _directory_warnings(caplog) == []
+
+
+async def test_existing_private_directory_is_used_without_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    directory = tmp_path / "mine"
+    directory.mkdir(mode=0o700)
+    async with FileBackend(directory) as backend:
+        await backend.set(KEY, make_token())
+    assert _directory_warnings(caplog) == []
+
+
+async def test_world_writable_directory_is_warned_about_once_and_still_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    directory.chmod(0o777)
+    token = make_token()
+    async with FileBackend(directory) as backend:
+        await backend.set(KEY, token)
+        handle = await backend.acquire_lock(KEY, lease=5)
+        assert handle is not None
+        await backend.release_lock(handle)
+        await backend.set(KEY, token)
+        assert await backend.get(KEY) == token  # still works
+    warnings = _directory_warnings(caplog)
+    assert len(warnings) == 1  # once per backend, not per write
+    assert str(directory) in warnings[0]
+    assert "writable by its group or others (mode 0777)" in warnings[0]
+    assert token.access_token not in caplog.text
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o777  # left as the user made it
+    async with FileBackend(directory) as another:  # each backend says it once
+        await another.set(KEY, token)
+    assert len(_directory_warnings(caplog)) == 2
+
+
+async def test_directory_owned_by_another_user_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    directory = tmp_path / "theirs"
+    directory.mkdir(mode=0o700)
+    owner = directory.stat().st_uid
+    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
+    async with FileBackend(directory) as backend:
+        await backend.set(KEY, make_token())
+    (warning,) = _directory_warnings(caplog)
+    assert f"is owned by uid {owner}, not by this user ({owner + 1})" in warning
+    assert "writable" not in warning
 
 
 async def test_writes_leave_no_temporary_files(backend: FileBackend) -> None:

@@ -103,6 +103,29 @@ async def test_aiohttp_retry_resends_the_body(
     assert server.api_requests == 2
 
 
+async def _upload() -> AsyncIterator[bytes]:
+    """A streamed request body: one-shot, so a request carrying it cannot be resent."""
+    yield b"chunk"
+
+
+async def test_aiohttp_401_to_a_streamed_upload_still_invalidates_the_token(
+    server: FakeAuthServer, make_manager: MakeManager
+) -> None:
+    manager = make_manager()
+    stale = (await manager.token()).access_token
+    server.expire(stale)
+    async with (
+        aiohttp.ClientSession(middlewares=[manager.aiohttp_middleware()]) as session,
+        session.post(server.api_url + "/imports", data=_upload()) as response,
+    ):
+        assert response.status == 401  # the body is gone: returned without a retry
+        assert (await response.json())["errors"][0]["code"] == "INVALID_TOKEN"
+    assert server.api_requests == 1
+    # ...but the refused token is no longer cached: the caller's retry gets a fresh one.
+    assert (await manager.token()).access_token != stale
+    assert server.token_requests == 2
+
+
 async def test_aiohttp_second_401_is_returned_as_is_after_one_retry(
     server: FakeAuthServer, make_manager: MakeManager, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -228,6 +251,23 @@ async def test_httpx_second_401_is_returned_as_is_after_one_retry(
     assert response.status_code == 401
     assert response.json()["errors"][0]["code"] == "INVALID_TOKEN"
     assert server.api_requests == 2
+    assert server.token_requests == 2
+
+
+async def test_httpx_401_to_a_streamed_upload_still_invalidates_the_token(
+    server: FakeAuthServer, make_manager: MakeManager
+) -> None:
+    manager = make_manager()
+    stale = (await manager.token()).access_token
+    server.expire(stale)
+    async with httpx.AsyncClient(auth=manager.httpx_auth()) as client:
+        response = await client.post(server.api_url + "/imports", content=_upload())
+        assert response.status_code == 401  # the body is gone: returned without a retry
+        assert server.api_requests == 1
+        # ...but the refused token is no longer cached: the next request gets a fresh one.
+        assert (await manager.token()).access_token != stale
+        again = await client.post(server.api_url + "/imports", content=_upload())
+    assert again.status_code == 200
     assert server.token_requests == 2
 
 

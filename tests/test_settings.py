@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+import sys
 from typing import Any
 
 import pytest
@@ -41,6 +42,7 @@ TUNING_TEXT: dict[str, tuple[str, Any]] = {
     "backend_timeout": ("0.75", 0.75),
     "backend_retry_interval": ("1.5", 1.5),
     "clock_check_interval": ("0.25", 0.25),
+    "hot_tier": ("off", False),
     "strict": ("yes", True),
 }
 
@@ -105,8 +107,9 @@ def test_manager_kwargs_are_exactly_token_manager_parameters() -> None:
 def test_encryption_key_becomes_a_backend_option(tmp_path: Any) -> None:
     settings = Settings(client_id="x", backend=f"file://{tmp_path}", encryption_key=KEY)
     assert settings.manager_kwargs()["backend_options"] == {"encryption_key": KEY}
-    rotated = Settings(client_id="x", backend=f"file://{tmp_path}", encryption_key="new, old")
-    assert rotated.manager_kwargs()["backend_options"] == {"encryption_key": ["new", "old"]}
+    new, old = Fernet.generate_key().decode(), KEY
+    rotated = Settings(client_id="x", backend=f"file://{tmp_path}", encryption_key=f"{new}, {old}")
+    assert rotated.manager_kwargs()["backend_options"] == {"encryption_key": [new, old]}
 
 
 # -- from_env ------------------------------------------------------------------------------
@@ -303,6 +306,76 @@ def test_encryption_key_with_memory_backend_is_a_problem() -> None:
         Settings.from_env(env(TOKEN_ENCRYPTION_KEY=KEY))
     assert "CL_TOKEN_ENCRYPTION_KEY is only used by backends" in str(error.value)
     assert KEY not in str(error.value)
+
+
+@pytest.mark.parametrize("key", ["not-a-fernet-key-S3CRET", f"{KEY},c2VjcmV0LWtleQ=="])
+def test_bad_encryption_key_is_named_by_its_own_variable(tmp_path: Any, key: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env(env(TOKEN_BACKEND=f"file://{tmp_path}", TOKEN_ENCRYPTION_KEY=key))
+    message = str(error.value)
+    assert "CL_TOKEN_ENCRYPTION_KEY is not a Fernet key" in message
+    assert "CL_TOKEN_BACKEND" not in message
+    for part in key.split(","):
+        assert part not in message
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_mapping(
+            {"client_id": "x", "backend": f"file://{tmp_path}", "encryption_key": key}
+        )
+    assert "encryption_key is not a Fernet key" in str(error.value)
+    assert "backend" not in str(error.value)
+
+
+def test_second_bad_key_of_a_rotation_is_pointed_at(tmp_path: Any) -> None:
+    with pytest.raises(ConfigurationError, match=r"\(key #2 of 2\)"):
+        Settings(client_id="x", backend=f"file://{tmp_path}", encryption_key=f"{KEY},nope")
+
+
+def test_encryption_key_of_only_commas_is_a_problem(tmp_path: Any) -> None:
+    with pytest.raises(ConfigurationError, match="encryption_key has no key"):
+        Settings(client_id="x", backend=f"file://{tmp_path}", encryption_key=",")
+
+
+def test_encryption_key_without_cryptography_names_the_extra_under_the_key(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    for name in [m for m in sys.modules if m == "cryptography" or m.startswith("cryptography.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "cryptography", None)
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env(env(TOKEN_BACKEND=f"file://{tmp_path}", TOKEN_ENCRYPTION_KEY=KEY))
+    message = str(error.value)
+    assert "CL_TOKEN_ENCRYPTION_KEY needs the encryption extra" in message
+    assert "pip install 'cl-tokens[encryption]'" in message
+    assert KEY not in message
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("file://var/cache/cl-tokens", "takes an absolute path after three slashes"),
+        ("file://", "needs an absolute directory"),
+        ("file:///", "needs an absolute directory"),
+        ("file:///x?encryption_key=c2VjcmV0LWtleQ==", "takes no query options"),
+    ],
+)
+def test_file_backend_url_needs_an_absolute_directory(url: str, why: str) -> None:
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env(env(TOKEN_BACKEND=url))
+    message = str(error.value)
+    assert message.startswith("invalid settings: CL_TOKEN_BACKEND ")
+    assert why in message
+    assert "c2VjcmV0LWtleQ" not in message
+    assert Settings(client_id="x", backend="file:///var/cache/cl-tokens").backend
+
+
+def test_backend_that_is_not_a_url_is_cut_short() -> None:
+    pasted = "S3CRET-pasted-into-the-wrong-variable-0123456789"
+    with pytest.raises(ConfigurationError) as error:
+        Settings.from_env(env(TOKEN_BACKEND=pasted))
+    message = str(error.value)
+    assert "CL_TOKEN_BACKEND must be a URL such as" in message
+    assert pasted not in message
+    assert "'S3CRET-pasted-into-t...'" in message
 
 
 def test_long_bad_values_are_cut_short() -> None:

@@ -71,13 +71,15 @@ def redact_url(url: str) -> str:
         password = parts.password
     except ValueError:
         return "<unparseable URL>"
+    if password is None and not parts.query:
+        return url
+    netloc = parts.netloc
     if password is not None:
-        userinfo, host = parts.netloc.rsplit("@", 1)
-        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
-    if parts.query:
-        masked = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, True))
-        parts = parts._replace(query=masked)
-    return parts.geturl()
+        userinfo, host = netloc.rsplit("@", 1)
+        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, True))
+    # Built by hand: urlunsplit drops the "//" of schemes it does not know (memory://).
+    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
 
 
 @dataclass(frozen=True)

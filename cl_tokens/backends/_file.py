@@ -9,14 +9,20 @@ Layout of ``<dir>`` for the key ``cl_tokens:v1:ab12``:
 
 Lock and mutex files are never removed: unlinking a lock file that another process has
 just opened would let two holders in. POSIX only (``fcntl``).
+
+The directory is created with mode 0700. An existing one is used as it is, but one that
+another user owns, or that its group or others may write to, gets a warning (once per
+backend): whoever can write there can replace token files or hold the locks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
+import stat
 import string
 import sys
 import tempfile
@@ -26,6 +32,7 @@ import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 import anyio.to_thread
 
@@ -38,7 +45,9 @@ from ._codec import EncryptionKey, make_codec
 if sys.platform != "win32":
     import fcntl
 
-__all__ = ["FileBackend"]
+__all__ = ["FileBackend", "file_url_problem"]
+
+logger = logging.getLogger("cl_tokens")
 
 # A token file is a few KiB; reading more would only be reading junk.
 _MAX_BYTES = 256 * 1024
@@ -78,6 +87,49 @@ def _stem(key: str) -> str:
         # "=" never occurs in an encoded name, so hashed names cannot meet readable ones.
         stem = "=" + hashlib.sha256(key.encode()).hexdigest()
     return stem
+
+
+def file_url_problem(url: str) -> str | None:
+    """Why ``url`` is not a usable ``file://`` backend URL (``file:///absolute/dir``), or
+    None. ``Settings`` reports it under the backend's variable; ``FileBackend.from_url``
+    raises it. The reason never repeats the URL.
+
+    Args:
+        url: a URL whose scheme is ``file``.
+    """
+    try:
+        parts = urlsplit(url)
+        host, username, password = parts.hostname, parts.username, parts.password
+    except ValueError:
+        return "is not a valid URL; a file:// URL looks like file:///var/cache/cl-tokens"
+    if host not in (None, "", "localhost") or username or password:
+        return (
+            "a file:// URL takes an absolute path after three slashes, "
+            "such as file:///var/cache/cl-tokens"
+        )
+    path = unquote(parts.path)
+    if not path.startswith("/") or not path.strip("/"):
+        return "a file:// URL needs an absolute directory, such as file:///var/cache/cl-tokens"
+    if parts.query:
+        # Secrets (the encryption key) must not travel in URLs, which get logged.
+        return (
+            "a file:// URL takes no query options; pass encryption_key= and the "
+            "other options as arguments"
+        )
+    return None
+
+
+def _directory_problem(info: os.stat_result) -> str | None:
+    """Why a directory with ``info`` is unsafe for tokens, or None."""
+    if not stat.S_ISDIR(info.st_mode):
+        return None  # not a directory: the write that follows fails and says so
+    problems = []
+    if info.st_uid != os.geteuid():
+        problems.append(f"is owned by uid {info.st_uid}, not by this user ({os.geteuid()})")
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o022:
+        problems.append(f"is writable by its group or others (mode {mode:04o})")
+    return " and ".join(problems) or None
 
 
 def _read(path: Path) -> bytes | None:
@@ -173,6 +225,8 @@ class FileBackend(TokenBackend):
         self._codec = make_codec(encryption_key)
         self._clock: Clock = clock or SystemClock()
         self._held: dict[str, int] = {}  # lock owner -> the fd holding its flock
+        self._dir_checked = False  # the directory's owner and mode, checked once
+        self._dir_guard = threading.Lock()  # _ensure_dir runs in worker threads
         _BACKENDS.add(self)
 
     @classmethod
@@ -183,19 +237,9 @@ class FileBackend(TokenBackend):
             url: the parsed URL.
             **options: keyword arguments of the constructor.
         """
-        if url.host not in (None, "", "localhost") or url.username or url.password:
-            raise ConfigurationError(
-                "a file:// URL takes an absolute path after three slashes, "
-                "such as file:///var/cache/cl-tokens"
-            )
-        if not url.path.startswith("/") or url.path == "/":
-            raise ConfigurationError("a file:// URL needs a directory, such as file:///var/cache/x")
-        if url.query:
-            # Secrets (the encryption key) must not travel in URLs, which get logged.
-            raise ConfigurationError(
-                "a file:// URL takes no query options; pass encryption_key= and the "
-                "other options as arguments"
-            )
+        problem = file_url_problem(url.raw)
+        if problem:
+            raise ConfigurationError(problem)
         return cls(url.path, **options)
 
     def __repr__(self) -> str:
@@ -210,7 +254,31 @@ class FileBackend(TokenBackend):
         return self._dir / (_stem(key) + suffix)
 
     def _ensure_dir(self) -> None:
-        os.makedirs(self._dir, mode=0o700, exist_ok=True)
+        try:
+            os.makedirs(self._dir, mode=0o700)
+        except FileExistsError:
+            # Not created here: someone else chose its owner and mode; check them once.
+            with self._dir_guard:
+                check, self._dir_checked = not self._dir_checked, True
+            if check:
+                self._check_dir()
+        else:
+            self._dir_checked = True  # made by this backend, 0700
+
+    def _check_dir(self) -> None:
+        try:
+            info = os.stat(self._dir)
+        except OSError:
+            return  # the write that follows reports it
+        problem = _directory_problem(info)
+        if problem:
+            logger.warning(
+                "file backend directory %s %s: another local user could replace the "
+                "token files or hold the locks; use a directory only this user can "
+                "write to (e.g. chmod 700)",
+                self._dir,
+                problem,
+            )
 
     @contextlib.contextmanager
     def _mutex(self, key: str) -> Iterator[None]:
