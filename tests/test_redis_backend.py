@@ -275,3 +275,32 @@ def test_package_imports_without_the_extras() -> None:
     assert result.returncode == 0, result.stderr
     assert "pip install 'cl-tokens[redis]'" in result.stdout
     assert "pip install 'cl-tokens[encryption]'" in result.stdout
+
+
+@pytest.mark.redis
+async def test_a_lock_attempt_cancelled_after_its_set_does_not_hold_the_lock(
+    backend: RedisBackend, key: str
+) -> None:
+    client = _single(backend)
+    real_set = client.set
+    reached = asyncio.Event()
+
+    async def set_then_stall(*args: object, **kwargs: object) -> object:
+        result = await real_set(*args, **kwargs)  # type: ignore[arg-type]
+        reached.set()  # the lock is in Redis; the reply is "late"
+        await asyncio.sleep(10)
+        return result
+
+    client.set = set_then_stall  # type: ignore[method-assign]
+    attempt = asyncio.ensure_future(backend.acquire_lock(key, lease=60))
+    await asyncio.wait_for(reached.wait(), 5)
+    assert await client.exists(key + ":lock") == 1
+    attempt.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await attempt
+    client.set = real_set  # type: ignore[method-assign]
+    for _ in range(100):  # the release runs in the background
+        if await client.exists(key + ":lock") == 0:
+            break
+        await asyncio.sleep(0.01)
+    assert await client.exists(key + ":lock") == 0

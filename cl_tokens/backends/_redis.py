@@ -52,6 +52,11 @@ return 0
 """
 
 
+# Releases started for cancelled lock attempts: held here so they are not collected
+# before they finish.
+_RELEASES: set[asyncio.Future[None]] = set()
+
+
 def _digest(access_token: str) -> str:
     return hashlib.sha256(access_token.encode()).hexdigest()
 
@@ -211,9 +216,24 @@ class RedisBackend(TokenBackend):
     async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
         owner = secrets.token_hex(16)
         lease_ms = max(1, int(lease * 1000))
-        with self._wrap_errors("lock", key):
-            taken = await self._client.set(key + _LOCK_SUFFIX, owner, nx=True, px=lease_ms)
-        return LockHandle(key, owner) if taken else None
+        handle = LockHandle(key, owner)
+        try:
+            with self._wrap_errors("lock", key):
+                taken = await self._client.set(key + _LOCK_SUFFIX, owner, nx=True, px=lease_ms)
+        except asyncio.CancelledError:
+            # The SET may have reached Redis before the cancellation: release by owner
+            # (a no-op if it did not), or the lock would block others for its lease.
+            release = asyncio.ensure_future(self._release_quietly(handle))
+            _RELEASES.add(release)
+            release.add_done_callback(_RELEASES.discard)
+            raise
+        return handle if taken else None
+
+    async def _release_quietly(self, handle: LockHandle) -> None:
+        try:
+            await self.release_lock(handle)
+        except Exception:
+            pass
 
     async def release_lock(self, handle: LockHandle) -> None:
         with self._wrap_errors("unlock", handle.key):
