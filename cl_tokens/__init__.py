@@ -4,6 +4,7 @@ async with TokenManager(client_id, client_secret, scope="market:code:europe") as
     headers = await manager.header()
 """
 
+from ._aiohttp_middleware import TokenMiddleware
 from ._clock import Clock, SystemClock
 from ._errors import (
     AuthenticationError,
@@ -35,6 +36,7 @@ __all__ = [  # noqa: RUF022
     "TokenEndpointError",
     "TokenError",
     "TokenManager",
+    "TokenMiddleware",
     "Tuning",
     "__version__",
 ]
