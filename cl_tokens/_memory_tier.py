@@ -151,11 +151,14 @@ class MemoryTier:
         return entry
 
     def sweep(self) -> None:
-        """Retire every hot entry whose refresh moment the wall clock has passed."""
+        """Retire every hot entry whose refresh moment has come by either clock, and
+        forget tokens that have expired (a scope asked for once must not be kept)."""
         now = self._clock.time()
         mono = self._clock.monotonic()
-        for entry in list(self._entries.values()):
-            if entry.aliases and entry.due(now, mono):
+        for key, entry in list(self._entries.items()):
+            if now >= entry.token.expires_at:
+                self.drop(key)
+            elif entry.aliases and entry.due(now, mono):
                 self.retire(entry)
 
     def clear_hot(self) -> None:

@@ -80,3 +80,14 @@ async def test_drop_cancels_the_timer_and_leaves_nothing_hot() -> None:
     assert tier.headers == {}
     assert tier.tokens == {}
     assert tier.get("k") is None
+
+
+async def test_the_sweep_forgets_expired_tokens() -> None:
+    clock = FakeClock()
+    tier = MemoryTier(Tuning(), clock, random.Random(1))
+    tier.install("old", _token("old.token", clock.time(), 60))
+    tier.install("new", _token("new.token", clock.time(), 7200))
+    clock.advance(61)
+    tier.sweep()
+    assert tier.get("old") is None
+    assert tier.get("new") is not None
