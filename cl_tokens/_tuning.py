@@ -15,11 +15,6 @@ from ._token import Token
 
 __all__ = ["TokenTiming", "Tuning", "plan_token"]
 
-# Commerce Layer hands out a new token only in the last 15 minutes of the old one's life;
-# a refresh earlier than that gets the same token back.
-REISSUE_WINDOW = 900.0
-
-
 @dataclass(frozen=True, kw_only=True)
 class Tuning:
     """Every tuning option, with its default. All durations are in seconds.

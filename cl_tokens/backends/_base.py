@@ -84,7 +84,14 @@ def redact_url(url: str) -> str:
 
 @dataclass(frozen=True)
 class LockHandle:
-    """Proof of holding a backend lock: the key and a random owner value."""
+    """Proof of holding a backend lock: the key and a random owner value.
+
+    Attributes:
+        key: the cache key the lock guards.
+        owner: a random value only this holder knows; release checks it.
+        extra: free for a third-party backend to carry what its release needs (a
+            connection, a fencing token); the bundled backends leave it None.
+    """
 
     key: str
     owner: str
