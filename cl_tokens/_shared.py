@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ._clock import Clock
 from ._errors import BackendError
@@ -21,6 +21,32 @@ __all__ = ["UNAVAILABLE", "SharedTier"]
 
 logger = logging.getLogger("cl_tokens")
 T = TypeVar("T")
+
+
+async def within(call: Awaitable[T], timeout: float) -> T:
+    """``await call``, or ``asyncio.TimeoutError`` after ``timeout`` seconds.
+
+    Not ``asyncio.wait_for``: before Python 3.12 it can return the result and drop a
+    cancellation that arrives in the same loop iteration (CPython gh-86296), and a
+    lost cancellation would let a fetch outlive ``aclose()``. ``asyncio.timeout`` is
+    3.11+. Waiting on a task with ``asyncio.wait`` lets a cancellation through always.
+    """
+    task = asyncio.ensure_future(call)
+    try:
+        done, _ = await asyncio.wait((task,), timeout=timeout)
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        task.add_done_callback(_retrieve)
+        raise asyncio.TimeoutError
+    return task.result()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # abandoned after a timeout: its error is not news
 
 
 class _Unavailable:
@@ -62,7 +88,7 @@ class SharedTier:
             return UNAVAILABLE
         try:
             # A store that hangs (a blackholed host, a stuck filesystem) is a failed store.
-            result = await asyncio.wait_for(call, self._timeout)
+            result = await within(call, self._timeout)
         except Exception as exc:
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"no answer within {self._timeout:g} s"
@@ -114,7 +140,7 @@ class SharedTier:
         error of the fetch it ends.
         """
         try:
-            await asyncio.wait_for(self.backend.release_lock(handle), self._timeout)
+            await within(self.backend.release_lock(handle), self._timeout)
         except Exception as exc:
             logger.warning(
                 "shared token backend %r failed to release a lock (%s); it expires with its lease",

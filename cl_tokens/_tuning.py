@@ -15,6 +15,7 @@ from ._token import Token
 
 __all__ = ["TokenTiming", "Tuning", "plan_token"]
 
+
 @dataclass(frozen=True, kw_only=True)
 class Tuning:
     """Every tuning option, with its default. All durations are in seconds.
@@ -37,10 +38,11 @@ class Tuning:
         auth_failure_cooldown: after the credentials are rejected, calls fail fast with
             the same error for this long instead of calling the endpoint again.
         lock_lease: how long a shared-backend lock lives if its holder dies; at least
-            ``fetch_deadline``, so a lock never expires under a fetch still running
-            (which would let a second process fetch too).
+            ``fetch_deadline + 2 * backend_timeout`` (the holder reads, fetches and
+            writes under it), so a lock never expires under a fetch still running,
+            which would let a second process fetch too.
         lock_wait: how long to wait for another process's fetch before fetching
-            directly (None: ``fetch_deadline + 1``).
+            directly (None: ``fetch_deadline + 2 * backend_timeout + 1``).
         lock_poll_interval: how often a process waiting on another's fetch re-reads the
             shared backend.
         backend_timeout: the longest one call to the shared backend may take before it
@@ -85,8 +87,14 @@ class Tuning:
             )
 
     @property
+    def longest_hold(self) -> float:
+        """The longest a process may hold a backend lock: a read, the fetch, a write."""
+        return self.fetch_deadline + 2 * self.backend_timeout
+
+    @property
     def effective_lock_wait(self) -> float:
-        return self.fetch_deadline + 1.0 if self.lock_wait is None else self.lock_wait
+        """``lock_wait``, by default just past the longest a holder may legitimately take."""
+        return self.longest_hold + 1.0 if self.lock_wait is None else self.lock_wait
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -118,9 +126,13 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
             problems.append((f.name, "must be greater than 0"))
     if not problems and tuning.backoff_cap < tuning.backoff_base:
         problems.append(("backoff_cap", "must be at least backoff_base"))
-    if not problems and tuning.lock_lease < tuning.fetch_deadline:
+    if not problems and tuning.lock_lease < tuning.longest_hold:
         problems.append(
-            ("lock_lease", "must be at least fetch_deadline (a lock must outlive a fetch)")
+            (
+                "lock_lease",
+                "must be at least fetch_deadline + 2 x backend_timeout "
+                f"({tuning.longest_hold:g} s): a lock must outlive the fetch it guards",
+            )
         )
     return problems
 

@@ -23,7 +23,9 @@ async def main() -> None:
         auth_url=auth_url,
         backend=backend,
         lock_lease=lease,
-        fetch_deadline=min(30.0, lease),  # a lock must outlive the fetch it guards
+        # A lock must outlive what its holder does under it: read, fetch, write.
+        backend_timeout=0.5,
+        fetch_deadline=min(30.0, lease - 1.0),
         attempts=1,
     ) as manager:
         # Everyone starts at the same instant, so the processes really do hit cold at once.

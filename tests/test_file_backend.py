@@ -341,3 +341,39 @@ def test_missing_cryptography_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(ConfigurationError, match=r"pip install 'cl-tokens\[encryption\]'"):
         FileBackend("/tmp/x", encryption_key="anything")
     assert isinstance(FileBackend("/tmp/x"), FileBackend)
+
+
+async def test_a_hung_filesystem_does_not_pile_up_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from cl_tokens._shared import within
+    from cl_tokens.backends import _file
+
+    hung = threading.Event()
+
+    def stuck_read(path: Path) -> bytes | None:
+        hung.wait(10)  # a read on a filesystem that does not answer
+        return None
+
+    monkeypatch.setattr(_file, "_read", stuck_read)
+    backend = FileBackend(tmp_path / "tokens")
+    before = threading.active_count()
+    for _ in range(_file._MAX_STUCK):
+        with pytest.raises(asyncio.TimeoutError):
+            await within(backend.get("cl_tokens:v1:k"), 0.05)
+    await asyncio.sleep(0.01)  # the abandoned calls unwind
+    for _ in range(20):  # no new threads: fails at once
+        with pytest.raises(BackendError, match="still blocked"):
+            await backend.get("cl_tokens:v1:k")
+    assert threading.active_count() <= before + _file._MAX_STUCK
+    hung.set()  # the filesystem answers again
+    for _ in range(200):
+        try:
+            assert await backend.get("cl_tokens:v1:k") is None
+            break
+        except BackendError:
+            await asyncio.sleep(0.01)
+    else:
+        pytest.fail("the backend never recovered once the threads returned")

@@ -282,25 +282,36 @@ async def test_a_lock_attempt_cancelled_after_its_set_does_not_hold_the_lock(
     backend: RedisBackend, key: str
 ) -> None:
     client = _single(backend)
-    real_set = client.set
+    real_acquire = backend._acquire
     reached = asyncio.Event()
 
-    async def set_then_stall(*args: object, **kwargs: object) -> object:
-        result = await real_set(*args, **kwargs)  # type: ignore[arg-type]
+    async def acquire_then_stall(*args: object, **kwargs: object) -> object:
+        result = await real_acquire(*args, **kwargs)  # type: ignore[arg-type]
         reached.set()  # the lock is in Redis; the reply is "late"
         await asyncio.sleep(10)
         return result
 
-    client.set = set_then_stall  # type: ignore[method-assign]
+    backend._acquire = acquire_then_stall  # type: ignore[assignment]
     attempt = asyncio.ensure_future(backend.acquire_lock(key, lease=60))
     await asyncio.wait_for(reached.wait(), 5)
     assert await client.exists(key + ":lock") == 1
     attempt.cancel()
     with pytest.raises(asyncio.CancelledError):
         await attempt
-    client.set = real_set  # type: ignore[method-assign]
+    backend._acquire = real_acquire  # type: ignore[method-assign]
     for _ in range(100):  # the release runs in the background
         if await client.exists(key + ":lock") == 0:
             break
         await asyncio.sleep(0.01)
     assert await client.exists(key + ":lock") == 0
+
+
+@pytest.mark.redis
+async def test_taking_the_lock_again_with_the_same_owner_succeeds(
+    backend: RedisBackend, key: str
+) -> None:
+    # What redis-py does after a socket timeout: it sends the same command again.
+    lock_key = key + ":lock"
+    assert await backend._acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
+    assert await backend._acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
+    assert await backend._acquire(keys=[lock_key], args=["owner-b", 60_000]) == 0

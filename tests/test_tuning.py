@@ -52,8 +52,8 @@ def test_a_token_of_unknown_lifetime_gets_the_full_margin() -> None:
 
 def test_a_lock_lease_shorter_than_a_fetch_is_refused() -> None:
     with pytest.raises(ConfigurationError, match="lock_lease"):
-        Tuning(lock_lease=10, fetch_deadline=30)
-    Tuning(lock_lease=30, fetch_deadline=30)
+        Tuning(lock_lease=30, fetch_deadline=30)  # a read and a write happen under it too
+    assert Tuning(lock_lease=34, fetch_deadline=30).effective_lock_wait == 35
 
 
 @pytest.mark.parametrize(

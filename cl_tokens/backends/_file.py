@@ -31,7 +31,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
 import anyio.to_thread
@@ -189,6 +189,61 @@ class _LockAttempt:
             os.close(fd)
 
 
+_R = TypeVar("_R")
+_MAX_STUCK = 4  # file operations still running in threads whose callers gave up
+
+
+class _Threads:
+    """Runs file operations in worker threads, and stops starting new ones while
+    earlier ones are stuck.
+
+    A caller that times out (the manager bounds every backend call) stops waiting, but
+    its thread stays blocked on a hung filesystem; starting a new thread for each retry
+    would pile them up without bound, in the pool the rest of the application (a
+    Starlette sync endpoint, say) shares. After ``_MAX_STUCK`` abandoned operations are
+    still blocked, calls fail at once until one returns.
+    """
+
+    def __init__(self) -> None:
+        self._guard = threading.Lock()
+        self._stuck = 0
+
+    async def run(self, func: Callable[..., _R], *args: Any) -> _R:
+        with self._guard:
+            if self._stuck >= _MAX_STUCK:
+                raise BackendError(
+                    f"{self._stuck} file operations are still blocked: the filesystem "
+                    "does not answer"
+                )
+        state = {"started": False, "finished": False, "abandoned": False}
+
+        def tracked() -> _R:
+            with self._guard:
+                if state["abandoned"]:
+                    raise RuntimeError("abandoned before it started")
+                state["started"] = True
+            try:
+                return func(*args)
+            finally:
+                with self._guard:
+                    state["finished"] = True
+                    if state["abandoned"]:
+                        self._stuck -= 1
+
+        try:
+            return await anyio.to_thread.run_sync(tracked, abandon_on_cancel=True)
+        except BaseException:
+            with self._guard:
+                # The caller gave up (a timeout, a cancellation) on an operation still
+                # running in its thread: stuck until it returns. One that had not
+                # started yet never will.
+                if not state["finished"]:
+                    state["abandoned"] = True
+                    if state["started"]:
+                        self._stuck += 1
+            raise
+
+
 class FileBackend(TokenBackend):
     """Tokens in files of a local directory, shared by every process of the machine.
 
@@ -227,6 +282,7 @@ class FileBackend(TokenBackend):
         self._held: dict[str, int] = {}  # lock owner -> the fd holding its flock
         self._dir_checked = False  # the directory's owner and mode, checked once
         self._dir_guard = threading.Lock()  # _ensure_dir runs in worker threads
+        self._threads = _Threads()
         _BACKENDS.add(self)
 
     @classmethod
@@ -299,7 +355,7 @@ class FileBackend(TokenBackend):
 
     async def get(self, key: str) -> Token | None:
         with _wrap_errors("read", key):
-            data = await anyio.to_thread.run_sync(_read, self._path(key, ".json"))
+            data = await self._threads.run(_read, self._path(key, ".json"))
         if not data:
             return None
         token = self._codec.decode(data)
@@ -310,7 +366,7 @@ class FileBackend(TokenBackend):
     async def set(self, key: str, token: Token) -> None:
         data = self._codec.encode(token)
         with _wrap_errors("write", key):
-            await anyio.to_thread.run_sync(self._write, key, data)
+            await self._threads.run(self._write, key, data)
 
     def _write(self, key: str, data: bytes) -> None:
         self._ensure_dir()
@@ -332,7 +388,7 @@ class FileBackend(TokenBackend):
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
         with _wrap_errors("delete", key):
-            return await anyio.to_thread.run_sync(self._delete, key, access_token)
+            return await self._threads.run(self._delete, key, access_token)
 
     def _delete(self, key: str, access_token: str | None) -> bool:
         path = self._path(key, ".json")
@@ -359,7 +415,7 @@ class FileBackend(TokenBackend):
         attempt = _LockAttempt(self._path(key, ".lock"), self._ensure_dir)
         try:
             with _wrap_errors("lock", key):
-                await anyio.to_thread.run_sync(attempt.run)
+                await self._threads.run(attempt.run)
         except BaseException:
             attempt.abandon()
             raise

@@ -44,6 +44,19 @@ end
 return 0
 """
 
+# Taking the lock is idempotent for its owner: redis-py resends a command after a
+# socket timeout, and a resent SET NX would fail against the lock this very call took,
+# leaving it held by nobody who knows it for the whole lease.
+_ACQUIRE = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return 1
+end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return 1
+end
+return 0
+"""
+
 _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
@@ -143,6 +156,7 @@ class RedisBackend(TokenBackend):
         )
         self._delete_if_digest = self._client.register_script(_DELETE_IF_DIGEST)
         self._release_if_owner = self._client.register_script(_RELEASE_IF_OWNER)
+        self._acquire = self._client.register_script(_ACQUIRE)
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> RedisBackend:
@@ -219,7 +233,7 @@ class RedisBackend(TokenBackend):
         handle = LockHandle(key, owner)
         try:
             with self._wrap_errors("lock", key):
-                taken = await self._client.set(key + _LOCK_SUFFIX, owner, nx=True, px=lease_ms)
+                taken = await self._acquire(keys=[key + _LOCK_SUFFIX], args=[owner, lease_ms])
         except asyncio.CancelledError:
             # The SET may have reached Redis before the cancellation: release by owner
             # (a no-op if it did not), or the lock would block others for its lease.
