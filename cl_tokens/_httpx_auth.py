@@ -13,7 +13,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("TokenAuth needs httpx: pip install 'cl-tokens[httpx]'") from exc
 
-from ._aiohttp_middleware import TokenDestinations
+from ._api_auth import ApiAuthorizer
 from ._errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -48,12 +48,10 @@ class TokenAuth(httpx.Auth):
     def __init__(
         self, manager: TokenManager, *, scope: str | None = None, hosts: Iterable[str] = ()
     ) -> None:
-        self._manager = manager
-        self._scope = scope
-        self._destinations = TokenDestinations(manager.auth_url, hosts)
+        self._auth = ApiAuthorizer(manager, scope=scope, hosts=hosts)
 
     def __repr__(self) -> str:
-        return f"TokenAuth(manager={self._manager!r}, scope={self._scope!r})"
+        return f"TokenAuth(manager={self._auth.manager!r}, scope={self._auth.scope!r})"
 
     def sync_auth_flow(
         self, request: httpx.Request
@@ -72,29 +70,20 @@ class TokenAuth(httpx.Auth):
         Args:
             request: the request httpx is about to send.
         """
-        url = str(request.url)
-        if (
-            "Authorization" in request.headers
-            or self._destinations.is_token_endpoint(url)
-            or not self._destinations.allows(url)
-        ):
+        has_authorization = "Authorization" in request.headers
+        if not self._auth.should_authorize(str(request.url), has_authorization=has_authorization):
             yield request
             return
-        sent = await self._manager.token(self._scope)
+        sent = await self._auth.token()
         request.headers["Authorization"] = sent.authorization
         response = yield request
         if response.status_code != 401:
             return
         if response.request.headers.get("Authorization") != sent.authorization:
             return  # a redirect took it elsewhere (httpx strips the token across origins)
-        # Every 401 drops the token it refused, retried or not: left cached, it would
-        # be handed out (and refused) again until it expired.
-        await self._manager.invalidate(sent.access_token, self._scope)
-        if not _replayable(request):
-            return  # a streamed upload cannot be sent again
-        fresh = await self._manager.token(self._scope)
-        if fresh.access_token == sent.access_token:
-            return  # the same token would only be refused again
+        fresh = await self._auth.after_401(sent, replayable=_replayable(request))
+        if fresh is None:
+            return
         request.headers["Authorization"] = fresh.authorization
         yield request  # the flow ends after this one: no second retry
 
