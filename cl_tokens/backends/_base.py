@@ -146,6 +146,19 @@ class TokenBackend(ABC):
     async def release_lock(self, handle: LockHandle) -> None:
         """Release a lock taken by ``acquire_lock``, only if this holder still owns it."""
 
+    async def get_backoff(self, key: str) -> float | None:
+        """The wall-clock time before which no process may request a token for ``key``.
+
+        None when no back-off is in force. A back-off is written after a 429 or a fetch
+        whose attempts all failed, so that every process and machine sharing the store
+        waits it out. A backend that does not override this keeps back-offs in-process.
+        """
+        return None
+
+    async def set_backoff(self, key: str, retry_at: float) -> None:  # noqa: B027
+        """Record that no token request for ``key`` may be sent before ``retry_at``
+        (wall clock, seconds since the epoch); the record expires at ``retry_at``."""
+
     async def aclose(self) -> None:  # noqa: B027 - a backend without resources needs none
         """Release the backend's resources (connections, file handles)."""
 
