@@ -6,10 +6,37 @@ import base64
 import binascii
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Token", "TokenClaims", "fingerprint"]
+__all__ = ["MAX_TOKEN_LENGTH", "Token", "TokenClaims", "fingerprint", "token_value_problem"]
+
+#: Longer than any Commerce Layer JWT (about 1-2 KB) by far, short enough that a
+#: hostile endpoint or store cannot make every request carry a huge header.
+MAX_TOKEN_LENGTH = 16 * 1024
+
+# RFC 6750 section 2.1, b64token: what may follow "Bearer " in a header. Anything
+# else (CR/LF, spaces, non-ASCII) would let a value forge headers or break clients.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
+
+
+def token_value_problem(access_token: object, token_type: object) -> str | None:
+    """Why ``access_token``/``token_type`` cannot go into an Authorization header, or None.
+
+    The access token must be an RFC 6750 b64token of at most ``MAX_TOKEN_LENGTH``
+    characters; the type must be ``Bearer`` in any case. The message never quotes the
+    value (it may be a real token).
+    """
+    if not isinstance(access_token, str) or not access_token:
+        return "access_token is missing or empty"
+    if len(access_token) > MAX_TOKEN_LENGTH:
+        return f"access_token is longer than {MAX_TOKEN_LENGTH} characters"
+    if _B64TOKEN.fullmatch(access_token) is None:
+        return "access_token has characters a bearer token may not contain (RFC 6750 b64token)"
+    if not isinstance(token_type, str) or token_type.lower() != "bearer":
+        return "token_type is not Bearer"
+    return None
 
 
 def fingerprint(secret: str | None) -> str:
@@ -130,7 +157,8 @@ def decode_claims(access_token: str) -> TokenClaims | None:
     try:
         raw = base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
         payload = json.loads(raw)
-    except (binascii.Error, ValueError):
+    # RecursionError: a payload nested deeper than the parser's stack allows.
+    except (binascii.Error, ValueError, RecursionError):
         return None
     return TokenClaims(payload) if isinstance(payload, dict) else None
 
@@ -161,16 +189,16 @@ class Token:
     _authorization: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.access_token, str) or not self.access_token:
-            raise ValueError("access_token must be a non-empty string")
-        if not math.isfinite(self.expires_at):
+        problem = token_value_problem(self.access_token, self.token_type)
+        if problem is not None:
+            raise ValueError(problem)
+        if not isinstance(self.expires_at, float | int) or not math.isfinite(self.expires_at):
             raise ValueError("expires_at must be a finite number")
         if not self.lifetime > 0:
             # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
         # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer".
-        kind = "Bearer" if self.token_type.lower() == "bearer" else self.token_type
-        object.__setattr__(self, "_authorization", f"{kind} {self.access_token}")
+        object.__setattr__(self, "_authorization", f"Bearer {self.access_token}")
 
     def __repr__(self) -> str:
         return (
@@ -227,7 +255,7 @@ class Token:
             created = data.get("created_at")
             token_type = data.get("token_type") or "Bearer"
             scope = data.get("scope")
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"stored token is incomplete: {type(exc).__name__}") from None
         if not isinstance(token_type, str) or (scope is not None and not isinstance(scope, str)):
             raise ValueError("stored token has fields of the wrong type")

@@ -69,12 +69,12 @@ async def test_file_names_are_readable_and_distinct(backend: FileBackend) -> Non
     stems = {_stem(key) for key in keys}
     assert len(stems) == len(keys)
     assert all("/" not in s and s not in ("", ".", "..") and len(s) < 250 for s in stems)
-    for key in keys:
-        await backend.set(key, make_token(access=f"tok-{key}"))
-    for key in keys:
+    for n, key in enumerate(keys):
+        await backend.set(key, make_token(access=f"tok-{n}"))
+    for n, key in enumerate(keys):
         stored = await backend.get(key)
         assert stored is not None
-        assert stored.access_token == f"tok-{key}"
+        assert stored.access_token == f"tok-{n}"
     assert {p.parent for p in backend.directory.iterdir()} == {backend.directory}
 
 

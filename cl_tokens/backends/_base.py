@@ -146,6 +146,15 @@ class TokenBackend(ABC):
     async def release_lock(self, handle: LockHandle) -> None:
         """Release a lock taken by ``acquire_lock``, only if this holder still owns it."""
 
+    async def renew_lock(self, handle: LockHandle, *, lease: float) -> bool:
+        """Extend a held lock to ``lease`` seconds from now; False if it is no longer ours.
+
+        The manager takes short leases and renews them while its fetch runs, so a lock
+        orphaned by a dead holder or a failover costs one lease, not a long wait. A
+        backend whose locks die with their holder (file locks) needs no renewal.
+        """
+        return True
+
     async def get_backoff(self, key: str) -> float | None:
         """The wall-clock time before which no process may request a token for ``key``.
 
