@@ -177,6 +177,8 @@ class Token:
         lifetime: ``expires_in`` as received, in seconds; the refresh window and the
             safety margin are fractions of it, so every process computes the same ones.
             0 when unknown: the margin and window then apply unclamped.
+        seal: the MAC a shared backend's value carries (see ``_keys``); None for a
+            token fresh from the endpoint or from a store without MACs.
     """
 
     access_token: str = field(repr=False)
@@ -185,6 +187,7 @@ class Token:
     expires_at: float
     created_at: float | None = None
     lifetime: float = 0.0
+    seal: str | None = field(default=None, repr=False, compare=False)
     # Built once: thousands of callers woken by one fetch each need it.
     _authorization: str = field(init=False, repr=False, compare=False)
 
@@ -241,6 +244,7 @@ class Token:
             "expires_at": self.expires_at,
             "created_at": self.created_at,
             "lifetime": self.lifetime,
+            "seal": self.seal,
         }
 
     @classmethod
@@ -255,10 +259,13 @@ class Token:
             created = data.get("created_at")
             token_type = data.get("token_type") or "Bearer"
             scope = data.get("scope")
+            seal = data.get("seal")
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"stored token is incomplete: {type(exc).__name__}") from None
         if not isinstance(token_type, str) or (scope is not None and not isinstance(scope, str)):
             raise ValueError("stored token has fields of the wrong type")
+        if seal is not None and (not isinstance(seal, str) or len(seal) > 128):
+            raise ValueError("stored token has a malformed seal")
         return cls(
             access_token=access_token,
             token_type=token_type,
@@ -266,4 +273,5 @@ class Token:
             expires_at=expires_at,
             created_at=float(created) if isinstance(created, (int, float)) else None,
             lifetime=lifetime,
+            seal=seal,
         )

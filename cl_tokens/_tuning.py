@@ -37,10 +37,15 @@ class Tuning:
         attempt_timeout: the time one request may take.
         auth_failure_cooldown: after the credentials are rejected, calls fail fast with
             the same error for this long instead of calling the endpoint again.
-        lock_lease: how long a shared-backend lock lives if its holder dies; at least
-            ``fetch_deadline + 2 * backend_timeout`` (the holder reads, fetches and
-            writes under it), so a lock never expires under a fetch still running,
-            which would let a second process fetch too.
+        throttle_cap: the longest back-off after a 429 or a fetch whose attempts all
+            failed. The back-off doubles from ``backoff_base`` with each failed fetch up
+            to this cap; a ``Retry-After`` sets it directly, clamped to the cap. It is
+            written to the shared backend, so the whole fleet honours it.
+        lock_lease: the lease of a shared-backend lock. The holder renews it every
+            third of a lease while its fetch runs (at most ``fetch_deadline + 2 *
+            backend_timeout``), so a lock orphaned by a killed holder or a Redis
+            failover delays the others by one lease at most. At least
+            ``2 * backend_timeout``, so a renewal has time to land.
         lock_wait: how long to wait for another process's fetch before fetching
             directly (None: ``fetch_deadline + 2 * backend_timeout + 1``).
         lock_poll_interval: how often a process waiting on another's fetch re-reads the
@@ -70,7 +75,8 @@ class Tuning:
     fetch_deadline: float = 30.0
     attempt_timeout: float = 10.0
     auth_failure_cooldown: float = 10.0
-    lock_lease: float = 60.0
+    throttle_cap: float = 60.0
+    lock_lease: float = 6.0
     lock_wait: float | None = None
     lock_poll_interval: float = 0.01
     backend_timeout: float = 2.0
@@ -126,12 +132,12 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
             problems.append((f.name, "must be greater than 0"))
     if not problems and tuning.backoff_cap < tuning.backoff_base:
         problems.append(("backoff_cap", "must be at least backoff_base"))
-    if not problems and tuning.lock_lease < tuning.longest_hold:
+    if not problems and tuning.lock_lease < 2 * tuning.backend_timeout:
         problems.append(
             (
                 "lock_lease",
-                "must be at least fetch_deadline + 2 x backend_timeout "
-                f"({tuning.longest_hold:g} s): a lock must outlive the fetch it guards",
+                f"must be at least 2 x backend_timeout ({2 * tuning.backend_timeout:g} s): "
+                "the holder renews it every third of a lease",
             )
         )
     return problems

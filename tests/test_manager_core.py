@@ -11,7 +11,14 @@ from collections.abc import Callable
 import aiohttp
 import pytest
 
-from cl_tokens import AuthenticationError, ConfigurationError, Token, TokenError, TokenManager
+from cl_tokens import (
+    AuthenticationError,
+    ConfigurationError,
+    Token,
+    TokenEndpointError,
+    TokenError,
+    TokenManager,
+)
 from cl_tokens.testing import FakeAuthServer
 
 SECRET = "test-client-secret"  # the one tests/conftest.py gives the server
@@ -122,14 +129,20 @@ async def test_a_fetch_whose_callers_all_left_still_caches_its_token(
     assert server.token_requests == 1
 
 
-async def test_a_failed_flight_reaches_every_waiter_and_caches_nothing(
+async def test_a_failed_flight_reaches_every_waiter_then_backs_off(
     server: FakeAuthServer, make_manager: MakeManager
 ) -> None:
-    manager = make_manager(attempts=1)
+    manager = make_manager(attempts=1, backoff_base=0.2)
     server.fail_next(1, 500)
     results = await asyncio.gather(*(manager.header() for _ in range(20)), return_exceptions=True)
     assert server.token_requests == 1
     assert all(isinstance(r, TokenError) and "HTTP 500" in str(r) for r in results)
+    # Within the back-off: failing fast, no request, and told when to come back.
+    with pytest.raises(TokenEndpointError) as caught:
+        await manager.header()
+    assert server.token_requests == 1
+    assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 0.2
+    await asyncio.sleep(caught.value.retry_after + 0.01)
     assert (await manager.header())["Authorization"] == f"Bearer {server.issued[0]}"
     assert server.token_requests == 2
 

@@ -33,6 +33,7 @@ TUNING_TEXT: dict[str, tuple[str, Any]] = {
     "attempts": ("5", 5),
     "backoff_base": ("0.5", 0.5),
     "backoff_cap": ("4", 4.0),
+    "throttle_cap": ("90", 90.0),
     "fetch_deadline": ("20", 20.0),
     "attempt_timeout": ("3", 3.0),
     "auth_failure_cooldown": ("2", 2.0),
