@@ -141,7 +141,8 @@ async def test_a_failed_flight_reaches_every_waiter_then_backs_off(
     with pytest.raises(TokenEndpointError) as caught:
         await manager.header()
     assert server.token_requests == 1
-    assert caught.value.retry_after is not None and 0 < caught.value.retry_after <= 0.2
+    assert caught.value.retry_after is not None
+    assert 0 < caught.value.retry_after <= 0.2
     await asyncio.sleep(caught.value.retry_after + 0.01)
     assert (await manager.header())["Authorization"] == f"Bearer {server.issued[0]}"
     assert server.token_requests == 2
