@@ -801,7 +801,10 @@ class TokenManager:
         self._keeper = None
         self._loop = None
         if self._own_session is not None:
-            self._own_session.detach()  # the parent's sockets: not ours to close
+            # The parent's sockets: not ours to close, nor to let aiohttp's finalizers
+            # report as unclosed in this process. Kept, unused, for the child's life.
+            _INHERITED.append(self._own_session.connector)
+            self._own_session.detach()
             self._own_session = None
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
@@ -864,6 +867,7 @@ async def _check_clock(
 
 
 _LIVE: weakref.WeakSet[TokenManager] = weakref.WeakSet()
+_INHERITED: list[object] = []
 
 
 def _after_fork_in_child() -> None:
