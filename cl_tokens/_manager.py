@@ -44,6 +44,7 @@ from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
 if TYPE_CHECKING:
     from ._aiohttp_middleware import TokenMiddleware
+    from .backends._codec import EncryptionKey
     from ._httpx_auth import TokenAuth
     from ._settings import Settings
 
@@ -69,8 +70,10 @@ class TokenManager:
         backend: where tokens are shared: None (a private in-memory store), a URL
             (``memory://``, ``file:///var/cache/cl-tokens``, ``redis://host:6379/0``)
             or a ``TokenBackend`` instance (not closed by the manager).
-        backend_options: keyword options for the backend built from a URL
-            (e.g. ``encryption_key``).
+        backend_options: keyword options for the backend built from a URL.
+        encryption_key: Fernet key(s) for the values a ``file://`` or ``redis://``
+            backend built from a URL stores (``pip install 'cl-tokens[encryption]'``);
+            the same as ``backend_options={"encryption_key": ...}``.
         session: an ``aiohttp.ClientSession`` to use (not closed by the manager);
             otherwise the manager creates one when first needed.
         body_encoding: ``"json"`` (what Commerce Layer documents) or ``"form"``
@@ -92,6 +95,7 @@ class TokenManager:
         auth_url: str = DEFAULT_AUTH_URL,
         backend: TokenBackend | str | None = None,
         backend_options: Mapping[str, Any] | None = None,
+        encryption_key: EncryptionKey | None = None,
         session: aiohttp.ClientSession | None = None,
         body_encoding: BodyEncoding = "json",
         clock: Clock | None = None,
@@ -118,6 +122,17 @@ class TokenManager:
         problems = _argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
         if backend is not None and not isinstance(backend, (str, TokenBackend)):
             problems.append("backend must be a URL string or a TokenBackend instance")
+        options = dict(backend_options or {})
+        if encryption_key is not None:
+            if not isinstance(backend, str):
+                problems.append(
+                    "encryption_key applies to a backend built from a URL "
+                    "(file:// or redis://); configure a TokenBackend instance itself"
+                )
+            elif "encryption_key" in options:
+                problems.append("encryption_key is given twice (also in backend_options)")
+            else:
+                options["encryption_key"] = encryption_key
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             problems.append("session must be an aiohttp.ClientSession")
         try:
@@ -169,7 +184,7 @@ class TokenManager:
         # from it, so neither a key nor a stored value reveals or accepts a wrong secret.
         self._credential = credential_keys(auth_url, client_id, client_secret)
         self._shared = SharedTier(
-            self._build_backend(backend, dict(backend_options or {})),
+            self._build_backend(backend, options),
             clock=self._clock,
             strict=self._tuning.strict,
             timeout=self._tuning.backend_timeout,
@@ -177,7 +192,7 @@ class TokenManager:
             keys=self._credential,
             backoff_cap=self._tuning.throttle_cap,
         )
-        self._rng = random.Random()
+        self._rng = random.Random()  # noqa: S311 - jitter of timings, not a secret
         self._tier = MemoryTier(self._tuning, self._clock, self._rng)
         # The hot tier's dicts, bound here: a warm call is one of these lookups and a new
         # dict. Entries are retired by the tier, never checked, on the hot path.

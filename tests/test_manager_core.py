@@ -7,6 +7,7 @@ import gc
 import logging
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ from cl_tokens import (
     TokenError,
     TokenManager,
 )
+from cl_tokens.backends import MemoryBackend
 from cl_tokens.testing import FakeAuthServer
 
 SECRET = "test-client-secret"  # the one tests/conftest.py gives the server
@@ -408,3 +410,34 @@ async def test_token_is_frozen_and_carries_claims(make_manager: MakeManager) -> 
     assert token.claims is not None
     assert token.claims.organization_slug == "fake-org"
     assert token.claims.market_ids == ("xYZkjABcde",)
+
+
+async def test_encryption_key_is_a_keyword_argument(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from cryptography.fernet import Fernet
+
+    directory = tmp_path / "tokens"
+    key = Fernet.generate_key()
+    async with FakeAuthServer() as server:
+        manager = TokenManager(
+            server.client_id,
+            server.client_secret,
+            auth_url=server.url,
+            backend=f"file://{directory}",
+            encryption_key=key,
+        )
+        token = await manager.token()
+        await manager.aclose()
+    stored = b"".join(p.read_bytes() for p in directory.iterdir() if p.suffix == ".json")
+    assert stored
+    assert token.access_token.encode() not in stored
+    with pytest.raises(ConfigurationError, match="encryption_key"):
+        TokenManager("c", "s", backend=MemoryBackend(), encryption_key=key)
+    with pytest.raises(ConfigurationError, match="twice"):
+        TokenManager(
+            "c",
+            "s",
+            backend=f"file://{directory}",
+            encryption_key=key,
+            backend_options={"encryption_key": key},
+        )

@@ -187,7 +187,7 @@ class TokenBackend(ABC):
                 break
             if time.monotonic() >= deadline:
                 raise BackendError(f"timed out after {timeout:g} s waiting for the lock on {key}")
-            await asyncio.sleep(poll * random.uniform(0.5, 1.5))
+            await asyncio.sleep(poll * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
         try:
             yield handle
         finally:
