@@ -44,9 +44,9 @@ from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
 if TYPE_CHECKING:
     from ._aiohttp_middleware import TokenMiddleware
-    from .backends._codec import EncryptionKey
     from ._httpx_auth import TokenAuth
     from ._settings import Settings
+    from .backends._codec import EncryptionKey
 
 __all__ = ["DEFAULT_AUTH_URL", "TokenManager"]
 

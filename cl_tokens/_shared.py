@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
@@ -78,6 +78,7 @@ class SharedTier:
         self._backoff_cap = backoff_cap
         self._forged: set[str] = set()  # keys already warned about: one warning each
         self._renewals: dict[LockHandle, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._clock = clock
         self._strict = strict
         self._timeout = timeout
@@ -149,7 +150,10 @@ class SharedTier:
     async def write(self, key: str, token: Token) -> None:
         """Store ``token`` under ``key``, sealed with this credential's MAC."""
         sealed = replace(token, seal=self._keys.seal(key, token))
-        await self._call(self.backend.set(key, sealed), "write a token")
+        result = await self._call(self.backend.set(key, sealed), "write a token")
+        if isinstance(result, _Unavailable):
+            # Lost to a failover or a blip: the other processes would each fetch.
+            self._later(lambda: self.backend.set(key, sealed))
 
     async def backoff(self, key: str) -> float | None:
         """The shared back-off's ``retry_at`` for ``key`` (wall clock), or None.
@@ -214,7 +218,30 @@ class SharedTier:
             await within(self.backend.release_lock(handle), self._timeout)
         except Exception as exc:
             logger.warning(
-                "shared token backend %r failed to release a lock (%s); it expires with its lease",
+                "shared token backend %r failed to release a lock (%s); retrying in the "
+                "background, else it expires with its lease",
                 self.backend,
                 type(exc).__name__,
             )
+            self._later(lambda: self.backend.release_lock(handle))
+
+    def _later(self, call: Callable[[], Awaitable[object]], budget: float = 5.0) -> None:
+        """Retry ``call`` in the background for up to ``budget`` seconds: a write or a
+        release lost to a failover costs the fleet a wait or a fetch if never retried."""
+
+        async def retry() -> None:
+            end = self._clock.monotonic() + budget
+            delay = 0.1
+            while self._clock.monotonic() + delay < end:
+                await asyncio.sleep(delay)
+                try:
+                    await within(call(), self._timeout)
+                except Exception:
+                    delay = min(2 * delay, 1.0)
+                    continue
+                return
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+

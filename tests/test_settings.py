@@ -101,7 +101,8 @@ def test_direct_construction_validates_by_field_name() -> None:
 def test_manager_kwargs_are_exactly_token_manager_parameters() -> None:
     kwargs = Settings(client_id="x").manager_kwargs()
     parameters = set(inspect.signature(TokenManager.__init__).parameters)
-    assert set(kwargs) == parameters - {"self", "session", "clock"}
+    # encryption_key reaches the manager as backend_options (one way, not two).
+    assert set(kwargs) == parameters - {"self", "session", "clock", "encryption_key"}
     assert kwargs["backend_options"] is None
 
 
