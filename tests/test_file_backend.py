@@ -115,47 +115,6 @@ async def test_existing_private_directory_is_used_without_warning(
     assert _directory_warnings(caplog) == []
 
 
-async def test_world_writable_directory_is_warned_about_once_and_still_used(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger="cl_tokens")
-    directory = tmp_path / "shared"
-    directory.mkdir()
-    directory.chmod(0o777)
-    token = make_token()
-    async with FileBackend(directory) as backend:
-        await backend.set(KEY, token)
-        handle = await backend.acquire_lock(KEY, lease=5)
-        assert handle is not None
-        await backend.release_lock(handle)
-        await backend.set(KEY, token)
-        assert await backend.get(KEY) == token  # still works
-    warnings = _directory_warnings(caplog)
-    assert len(warnings) == 1  # once per backend, not per write
-    assert str(directory) in warnings[0]
-    assert "writable by its group or others (mode 0777)" in warnings[0]
-    assert token.access_token not in caplog.text
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o777  # left as the user made it
-    async with FileBackend(directory) as another:  # each backend says it once
-        await another.set(KEY, token)
-    assert len(_directory_warnings(caplog)) == 2
-
-
-async def test_directory_owned_by_another_user_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    caplog.set_level(logging.WARNING, logger="cl_tokens")
-    directory = tmp_path / "theirs"
-    directory.mkdir(mode=0o700)
-    owner = directory.stat().st_uid
-    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
-    async with FileBackend(directory) as backend:
-        await backend.set(KEY, make_token())
-    (warning,) = _directory_warnings(caplog)
-    assert f"is owned by uid {owner}, not by this user ({owner + 1})" in warning
-    assert "writable" not in warning
-
-
 async def test_writes_leave_no_temporary_files(backend: FileBackend) -> None:
     await asyncio.gather(*(backend.set(KEY, make_token()) for _ in range(30)))
     names = {p.name for p in backend.directory.iterdir()}
@@ -169,7 +128,7 @@ async def test_failed_write_keeps_the_old_token_and_no_temp_file(
     old = make_token()
     await backend.set(KEY, old)
 
-    def broken_replace(src: str, dst: str) -> None:
+    def broken_replace(src: str, dst: str, **dir_fds: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
@@ -189,13 +148,34 @@ async def test_missing_directory_is_a_miss(backend: FileBackend) -> None:
     assert not backend.directory.exists()
 
 
-async def test_os_errors_become_backend_errors(backend: FileBackend) -> None:
-    (backend.directory / FILE).mkdir(parents=True)  # a directory where the file goes
-    with pytest.raises(BackendError, match="could not read") as caught:
-        await backend.get(KEY)
-    assert isinstance(caught.value.__cause__, IsADirectoryError)
-    with pytest.raises(BackendError, match="could not write"):
+async def test_os_errors_become_backend_errors(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    backend = FileBackend(blocker)  # a file where the directory goes
+    calls = {
+        "read": backend.get(KEY),
+        "write": backend.set(KEY, make_token()),
+        "delete": backend.delete(KEY, "token"),
+        "lock": backend.acquire_lock(KEY, lease=1),
+        "read the back-off of": backend.get_backoff(KEY),
+        "write the back-off of": backend.set_backoff(KEY, time.time() + 5),
+    }
+    for action, call in calls.items():
+        with pytest.raises(BackendError, match=f"could not {action} ") as caught:
+            await call
+        assert isinstance(caught.value.__cause__, NotADirectoryError), action
+
+
+async def test_a_directory_at_the_token_path_is_a_miss_and_a_failed_write(
+    backend: FileBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    (backend.directory / FILE).mkdir(parents=True)
+    assert await backend.get(KEY) is None
+    assert "is not a regular file" in caplog.text
+    with pytest.raises(BackendError, match="could not write") as caught:
         await backend.set(KEY, make_token())
+    assert isinstance(caught.value.__cause__, IsADirectoryError)
 
 
 async def test_same_process_acquires_conflict(tmp_path: Path) -> None:
@@ -218,13 +198,13 @@ async def test_same_process_acquires_conflict(tmp_path: Path) -> None:
 async def test_cancelled_acquire_leaves_the_key_unlocked(
     backend: FileBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = backend._ensure_dir
+    real = backend._take_lock
 
-    def slow_ensure_dir() -> None:
+    def slow_take_lock(key: str) -> int | None:
         time.sleep(0.3)
-        real()
+        return real(key)
 
-    monkeypatch.setattr(backend, "_ensure_dir", slow_ensure_dir)
+    monkeypatch.setattr(backend, "_take_lock", slow_take_lock)
     task = asyncio.create_task(backend.acquire_lock(KEY, lease=10))
     await asyncio.sleep(0.05)
     task.cancel()
@@ -353,12 +333,13 @@ async def test_a_hung_filesystem_does_not_pile_up_threads(
 
     hung = threading.Event()
 
-    def stuck_read(path: Path) -> bytes | None:
+    def stuck_read(*args: object) -> bytes | None:
         hung.wait(10)  # a read on a filesystem that does not answer
         return None
 
-    monkeypatch.setattr(_file, "_read", stuck_read)
+    monkeypatch.setattr(_file, "read_regular", stuck_read)
     backend = FileBackend(tmp_path / "tokens")
+    backend.directory.mkdir(mode=0o700)
     before = threading.active_count()
     for _ in range(_file._MAX_STUCK):
         with pytest.raises(asyncio.TimeoutError):
