@@ -396,8 +396,10 @@ class FileBackend(TokenBackend):
         """The ``retry_at`` in ``<stem>.backoff``; None when absent, expired, junk
         (not a finite number, or more than a day ahead) or not trusted."""
         with _wrap_errors("read the back-off of", key):
-            data = await self._threads.run(self._read, key, ".backoff", _MAX_BACKOFF_BYTES)
-        retry_at = _parse_backoff(data) if data else None
+            # One byte more than allowed: a longer file is junk, not its first bytes.
+            data = await self._threads.run(self._read, key, ".backoff", _MAX_BACKOFF_BYTES + 1)
+        too_long = data is not None and len(data) > _MAX_BACKOFF_BYTES
+        retry_at = _parse_backoff(data) if data and not too_long else None
         if retry_at is None:
             return None
         now = self._clock.time()
