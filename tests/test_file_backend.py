@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from backend_contract import make_token
 from cryptography.fernet import Fernet
 
 from cl_tokens import BackendError, ConfigurationError
-from cl_tokens.backends import FileBackend, backend_from_url
+from cl_tokens.backends import FileBackend, _file, backend_from_url
 from cl_tokens.backends._codec import FernetCodec, JSONCodec, make_codec
 from cl_tokens.backends._file import _stem
 
@@ -51,10 +53,36 @@ DAMAGED = {
 }
 
 
+def _with_field(name: str, raw: str) -> bytes:
+    """A stored token whose field ``name`` is the JSON text ``raw``."""
+    fields = {k: json.dumps(v) for k, v in make_token().to_dict().items()}
+    fields[name] = raw
+    inner = ",".join(f'"{k}":{v}' for k, v in fields.items())
+    return b'{"v":1,"token":{' + inner.encode() + b"}}"
+
+
+# Junk that once escaped as RecursionError/OverflowError (issue 11): numbers no float
+# holds, and nesting deep enough to break a recursive parser, inside a valid envelope.
+HUGE = "9" * 400
+DAMAGED.update(
+    {
+        "400-digit-created-at": _with_field("created_at", HUGE),
+        "400-digit-expires-at": _with_field("expires_at", HUGE),
+        "400-digit-lifetime": _with_field("lifetime", HUGE),
+        "400-digit-version": b'{"v":' + HUGE.encode() + b',"token":{}}',
+        "deep-access-token": _with_field("access_token", "[" * 1000 + "]" * 1000),
+        "deep-scope": _with_field("scope", "{" + '"a":{' * 5000 + "}" * 5001),
+        "deep-token": b'{"v":1,"token":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    }
+)
+
+
 @pytest.mark.parametrize("data", list(DAMAGED.values()), ids=list(DAMAGED))
 async def test_damaged_file_is_a_miss_then_overwritten(backend: FileBackend, data: bytes) -> None:
     backend.directory.mkdir(parents=True)
-    (backend.directory / FILE).write_bytes(data)
+    path = backend.directory / FILE
+    path.write_bytes(data)
+    os.chmod(path, 0o600)  # as this backend writes it: the codec, not the mode, decides
     assert await backend.get(KEY) is None
     assert await backend.delete(KEY, "whatever") is False
     token = make_token()
@@ -299,11 +327,17 @@ def test_bad_file_urls(url: str) -> None:
 
 
 def test_codec_never_raises_on_junk() -> None:
-    codecs = [JSONCodec(), make_codec(Fernet.generate_key())]
+    key = Fernet.generate_key()
+    codecs = [JSONCodec(), make_codec(key)]
     samples = [*DAMAGED.values(), os.urandom(64), b"gAAAAA" + os.urandom(80), b"\xff" * 10]
     for codec in codecs:
         for data in samples:
             assert codec.decode(data) is None
+    # Junk sealed with the right key: decrypts, then must still be a miss.
+    sealed = make_codec(key)
+    for name, data in DAMAGED.items():
+        if name != "encrypted-elsewhere":
+            assert sealed.decode(Fernet(key).encrypt(data)) is None, name
 
 
 def test_bad_encryption_key_is_a_configuration_error() -> None:
@@ -326,10 +360,7 @@ def test_missing_cryptography_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
 async def test_a_hung_filesystem_does_not_pile_up_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
     from cl_tokens._shared import within
-    from cl_tokens.backends import _file
 
     hung = threading.Event()
 
@@ -358,3 +389,71 @@ async def test_a_hung_filesystem_does_not_pile_up_threads(
             await asyncio.sleep(0.01)
     else:
         pytest.fail("the backend never recovered once the threads returned")
+
+
+async def test_every_failure_is_a_backend_error_with_its_cause(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = make_token()
+    await backend.set(KEY, token)
+    handle = await backend.acquire_lock(KEY, lease=5)
+    assert handle is not None
+
+    async def broken_run(func: object, *args: object) -> None:
+        raise RuntimeError("not an OSError")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend._threads, "run", broken_run)
+        calls = {
+            "get": backend.get(KEY),
+            "set": backend.set(KEY, token),
+            "delete": backend.delete(KEY),
+            "delete_if": backend.delete(KEY, token.access_token),
+            "acquire_lock": backend.acquire_lock(KEY, lease=5),
+            "get_backoff": backend.get_backoff(KEY),
+            "set_backoff": backend.set_backoff(KEY, time.time() + 5),
+        }
+        for name, call in calls.items():
+            with pytest.raises(BackendError) as caught:
+                await call
+            assert isinstance(caught.value.__cause__, RuntimeError), name
+
+    def broken_codec(*args: object) -> None:
+        raise KeyError("a codec bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend._codec, "decode", broken_codec)
+        patch.setattr(backend._codec, "encode", broken_codec)
+        for call in (backend.get(KEY), backend.set(KEY, token)):
+            with pytest.raises(BackendError) as caught:
+                await call
+            assert isinstance(caught.value.__cause__, KeyError)
+
+    def broken_flock(fd: int, operation: int) -> None:
+        raise OSError(5, "I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_file.fcntl, "flock", broken_flock)
+        with pytest.raises(BackendError, match="could not unlock") as caught:
+            await backend.release_lock(handle)
+        assert isinstance(caught.value.__cause__, OSError)
+    assert await backend.get(KEY) == token
+
+
+async def test_a_cancelled_call_is_cancelled_not_wrapped(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.set(KEY, make_token())
+    release = threading.Event()
+
+    def slow_read(*args: object) -> bytes | None:
+        release.wait(10)
+        return None
+
+    monkeypatch.setattr(_file, "read_regular", slow_read)
+    task = asyncio.ensure_future(backend.get(KEY))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
