@@ -457,3 +457,30 @@ async def test_a_cancelled_call_is_cancelled_not_wrapped(
     with pytest.raises(asyncio.CancelledError):
         await task
     release.set()
+
+
+async def test_every_open_refuses_symlinks_and_closes_on_exec(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        opened.append((str(path), flags))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", recording_open)
+    token = make_token()
+    await backend.set(KEY, token)
+    assert await backend.get(KEY) == token
+    handle = await backend.acquire_lock(KEY, lease=5)
+    assert handle is not None
+    await backend.release_lock(handle)
+    await backend.set_backoff(KEY, time.time() + 5)
+    assert await backend.get_backoff(KEY) is not None
+    assert await backend.delete(KEY, token.access_token) is True
+    suffixes = {Path(path).suffix for path, _ in opened}
+    assert {".json", ".lock", ".mutex", ".backoff", ".tmp", ""} <= suffixes  # "": the dir
+    for path, flags in opened:
+        assert flags & os.O_NOFOLLOW, path
+        assert flags & os.O_CLOEXEC, path
