@@ -79,6 +79,7 @@ class SharedTier:
         self._forged: set[str] = set()  # keys already warned about: one warning each
         self._renewals: dict[LockHandle, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
+        self._rewrites: dict[str, asyncio.Task[None]] = {}
         self._clock = clock
         self._strict = strict
         self._timeout = timeout
@@ -150,10 +151,22 @@ class SharedTier:
     async def write(self, key: str, token: Token) -> None:
         """Store ``token`` under ``key``, sealed with this credential's MAC."""
         sealed = replace(token, seal=self._keys.seal(key, token))
+        self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
         if isinstance(result, _Unavailable):
             # Lost to a failover or a blip: the other processes would each fetch.
-            self._later(lambda: self.backend.set(key, sealed))
+            task = self._later(lambda: self.backend.set(key, sealed))
+            self._rewrites[key] = task
+            task.add_done_callback(
+                lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
+            )
+
+    def _cancel_rewrite(self, key: str) -> None:
+        """A later write or delete of ``key`` supersedes a write still being retried: an
+        invalidated token must never come back from a late retry."""
+        task = self._rewrites.pop(key, None)
+        if task is not None:
+            task.cancel()
 
     async def backoff(self, key: str) -> float | None:
         """The shared back-off's ``retry_at`` for ``key`` (wall clock), or None.
@@ -173,6 +186,7 @@ class SharedTier:
         await self._call(self.backend.set_backoff(key, retry_at), "write a back-off")
 
     async def delete_if(self, key: str, access_token: str) -> bool:
+        self._cancel_rewrite(key)
         result = await self._call(self.backend.delete(key, access_token), "delete a token")
         return False if isinstance(result, _Unavailable) else result
 
@@ -225,7 +239,9 @@ class SharedTier:
             )
             self._later(lambda: self.backend.release_lock(handle))
 
-    def _later(self, call: Callable[[], Awaitable[object]], budget: float = 5.0) -> None:
+    def _later(
+        self, call: Callable[[], Awaitable[object]], budget: float = 5.0
+    ) -> asyncio.Task[None]:
         """Retry ``call`` in the background for up to ``budget`` seconds: a write or a
         release lost to a failover costs the fleet a wait or a fetch if never retried."""
 
@@ -244,4 +260,4 @@ class SharedTier:
         task = asyncio.get_running_loop().create_task(retry())
         self._background.add(task)
         task.add_done_callback(self._background.discard)
-
+        return task

@@ -288,7 +288,7 @@ class FileBackend(TokenBackend):
 
     def _write(self, key: str, suffix: str, data: bytes, durable: bool) -> None:
         with self._opened_dir(create=True) as dfd:
-            assert dfd is not None
+            assert dfd is not None  # noqa: S101 - create=True always opens it (for mypy)
             guard = (lambda: self._mutex(dfd, key)) if suffix == ".json" else None
             write_atomic(dfd, _stem(key) + suffix, data, durable=durable, guard=guard)
 
@@ -332,7 +332,7 @@ class FileBackend(TokenBackend):
 
     def _take_lock(self, key: str) -> int | None:
         with self._opened_dir(create=True) as dfd:
-            assert dfd is not None
+            assert dfd is not None  # noqa: S101 - create=True always opens it (for mypy)
             fd = open_in(dfd, _stem(key) + ".lock", os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
