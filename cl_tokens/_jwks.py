@@ -20,6 +20,7 @@ import aiohttp
 from ._clock import Clock, SystemClock
 from ._endpoint import auth_url_problem
 from ._errors import ConfigurationError, TokenError
+from ._http import BodyTooLarge, read_body, safe_text
 from ._token import Token
 
 if TYPE_CHECKING:
@@ -30,7 +31,6 @@ __all__ = ["COMMERCE_LAYER_ISSUER", "JWKSVerifier"]
 COMMERCE_LAYER_ISSUER = "https://auth.commercelayer.io"
 # Old tokens say "https://commercelayer.io", or nothing; their keys are the auth host's.
 _LEGACY_ISSUERS = frozenset({"https://commercelayer.io", ""})
-_MAX_BODY = 256 * 1024
 _MIN_REFETCH = 30.0  # seconds: unknown kids must not turn into a flood of JWKS requests
 
 
@@ -165,12 +165,16 @@ class JWKSVerifier:
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 allow_redirects=False,
             ) as response:
-                raw = await response.content.read(_MAX_BODY)
                 status = response.status
+                raw = await read_body(response) if status == 200 else b""
+        except BodyTooLarge as exc:
+            raise TokenError(f"could not fetch {url}: {exc}") from None
         except asyncio.TimeoutError:
             raise TokenError(f"{url} did not answer within {self._timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise TokenError(f"could not fetch {url}: {type(exc).__name__}: {exc}") from None
+            raise TokenError(
+                f"could not fetch {url}: {type(exc).__name__}: {safe_text(str(exc))}"
+            ) from None
         if status != 200:
             raise TokenError(f"could not fetch {url}: HTTP {status}")
         try:
