@@ -80,8 +80,12 @@ def safe_text(text: object, limit: int = MAX_QUOTED) -> str:
     return escaped
 
 
+class _NotANumber(ValueError):
+    pass
+
+
 def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON number")
+    raise _NotANumber(f"not JSON: {name} is not a number")
 
 
 def _depth_exceeds(data: Any, limit: int) -> bool:
@@ -112,6 +116,11 @@ def loads_json(raw: bytes | str, *, max_depth: int = MAX_JSON_DEPTH) -> Any:
         data = json.loads(raw, parse_constant=_reject_constant)
     except RecursionError:
         raise ValueError(f"JSON nested deeper than {max_depth} levels") from None
+    except _NotANumber as exc:
+        raise ValueError(str(exc)) from None
+    except json.JSONDecodeError as exc:
+        # exc.msg is the parser's own fixed text ("Expecting value"), never the input.
+        raise ValueError(f"not JSON ({exc.msg} at byte {exc.pos})") from None
     except (ValueError, TypeError, OverflowError) as exc:
         raise ValueError(f"not JSON ({type(exc).__name__})") from None
     if _depth_exceeds(data, max_depth):

@@ -99,6 +99,8 @@ class RawHTTPServer:
                 await self._write(writer, reply)
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
+        except asyncio.CancelledError:
+            pass  # the server is closing: end quietly (asyncio logs a cancelled handler)
         finally:
             writer.close()
             self._tasks.discard(task)
