@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
@@ -40,7 +40,13 @@ _B = TypeVar("_B", bound="TokenBackend")
 
 @dataclass(frozen=True)
 class BackendURL:
-    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``."""
+    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``.
+
+    ``raw`` is the URL as given, except that its userinfo is percent-encoded: a password
+    with ``/``, ``#``, ``?`` or ``@`` then reaches a client that parses ``raw`` again
+    whole, instead of cutting the host short. Neither ``raw`` nor the password shows
+    in ``repr``.
+    """
 
     raw: str = field(repr=False)
     scheme: str
@@ -66,12 +72,16 @@ class BackendURL:
         except ValueError:
             raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
         username = password = None
+        raw = url
         if userinfo is not None:
             name, colon, secret = userinfo.partition(":")
             username = unquote(name) or None
             password = unquote(secret) if colon and secret else None
+            # Percent-encoded, so a client that parses ``raw`` again with urlsplit
+            # (redis-py's from_url) reads the same user, password and host as here.
+            raw = f"{scheme}://{_reencode(name)}{':' + _reencode(secret) if colon else ''}@{rest}"
         return cls(
-            raw=url,
+            raw=raw,
             scheme=scheme.lower(),
             host=parts.hostname,
             port=port,
@@ -80,6 +90,11 @@ class BackendURL:
             password=password,
             query=dict(parse_qsl(parts.query)),
         )
+
+
+def _reencode(part: str) -> str:
+    """``part`` of a userinfo percent-encoded; an already encoded one is unchanged."""
+    return quote(unquote(part, errors="surrogateescape"), safe="", errors="surrogateescape")
 
 
 _SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
