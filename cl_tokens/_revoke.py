@@ -53,6 +53,8 @@ def revocation_url(token: Token, auth_url: str) -> str:
     if not iss:
         return fallback
     problem = auth_url_problem(iss)
+    if problem is None and (len(iss) > 512 or not iss.isprintable()):
+        problem = "is over 512 characters or has control characters"
     if problem is not None or "?" in iss or "#" in iss:
         logger.warning(
             "revoking at %s, not at the token's issuer %s: the issuer URL %s",

@@ -410,6 +410,9 @@ async def test_revoke_unreachable_endpoint_is_a_token_endpoint_error() -> None:
             id="commerce-layer-is-another-origin",
         ),
         pytest.param(
+            "https://auth.example.com/\x1b[2J", "https://auth.example.com/oauth/revoke", id="escape"
+        ),
+        pytest.param(
             "https://auth.example.com:8443",
             "https://auth.example.com/oauth/revoke",
             id="same-host-other-port",
