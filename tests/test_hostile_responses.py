@@ -189,7 +189,7 @@ def test_any_200_body_is_a_token_or_a_malformed_answer(body: bytes) -> None:
     assert len(str(error)) < 300
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=150, deadline=None)
 @given(
     status=st.sampled_from([400, 401, 403, 429, 500, 503, 418]),
     body=st.binary(max_size=200)
