@@ -32,6 +32,7 @@ from ._errors import (
     TokenEndpointError,
     TokenError,
 )
+from ._http import check_session
 from ._keys import credential_keys
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._retry import with_retries
@@ -135,6 +136,11 @@ class TokenManager:
                 options["encryption_key"] = encryption_key
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             problems.append("session must be an aiohttp.ClientSession")
+        elif session is not None:
+            try:
+                check_session(session)
+            except ConfigurationError as exc:
+                problems.append(str(exc))
         try:
             self._tuning = Tuning(
                 safety_margin=safety_margin,

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 from ._clock import Clock
 from ._errors import BackendError
+from ._http import safe_text
 from ._keys import CredentialKeys
 from ._token import Token
 from .backends import LockHandle, TokenBackend
@@ -119,7 +120,9 @@ class SharedTier:
                     "in-process cache and direct fetches until it answers again",
                     self.backend,
                     what,
-                    exc if isinstance(exc, BackendError) else reason,
+                    # The store's own words (a Redis error reply, a path) may carry
+                    # anything: escaped and cut short like a server's.
+                    safe_text(exc) if isinstance(exc, BackendError) else reason,
                 )
             self._down_until = self._clock.monotonic() + self._retry_interval
             return UNAVAILABLE

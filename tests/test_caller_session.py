@@ -76,11 +76,9 @@ async def test_a_session_with_default_credentials_is_refused(headers: dict[str, 
         async with aiohttp.ClientSession(headers=headers) as session:
             with pytest.raises(ConfigurationError, match="default credentials") as info:
                 check_session(session)
-            async with TokenManager(
-                server.client_id, SECRET, auth_url=server.url, session=session
-            ) as manager:
-                with pytest.raises(ConfigurationError):
-                    await manager.header()
+            # Refused at construction, before any call could send it.
+            with pytest.raises(ConfigurationError, match="default credentials"):
+                TokenManager(server.client_id, SECRET, auth_url=server.url, session=session)
         assert server.requests == []  # refused before anything was sent
     value = next(iter(headers.values()))
     assert value not in str(info.value)
