@@ -390,7 +390,7 @@ class TokenManager(CustomerTokens):
         return True
 
     def aiohttp_middleware(
-        self, *, scope: str | None = None, hosts: Iterable[str] = ()
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
     ) -> TokenMiddleware:
         """An aiohttp (>= 3.12) client middleware: ``ClientSession(middlewares=[...])``.
 
@@ -402,12 +402,15 @@ class TokenManager(CustomerTokens):
             hosts: extra hosts that may receive the token (``api.example.com`` or
                 ``*.example.com``), beyond https ``*.commercelayer.io`` and the
                 auth_url's origin.
+            customer: a customer's ``owner_id``: send their token (see ``login``).
         """
         from ._aiohttp_middleware import TokenMiddleware
 
-        return TokenMiddleware(self, scope=scope, hosts=hosts)
+        return TokenMiddleware(self, scope=scope, hosts=hosts, customer=customer)
 
-    def httpx_auth(self, *, scope: str | None = None, hosts: Iterable[str] = ()) -> TokenAuth:
+    def httpx_auth(
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
+    ) -> TokenAuth:
         """An ``httpx.Auth`` for ``httpx.AsyncClient`` with the middleware's behaviour.
 
         Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``. Arguments as for
@@ -415,7 +418,7 @@ class TokenManager(CustomerTokens):
         """
         from ._httpx_auth import TokenAuth
 
-        return TokenAuth(self, scope=scope, hosts=hosts)
+        return TokenAuth(self, scope=scope, hosts=hosts, customer=customer)
 
     async def aclose(self) -> None:
         """Cancel and await background work; close the session and backend it owns."""

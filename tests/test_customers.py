@@ -291,3 +291,25 @@ async def test_16_processes_renew_one_customer_with_exactly_one_refresh_and_no_r
         assert served == 1600
         assert len(headers) == 1
         assert headers != {f"Bearer {first.access_token}"}
+
+
+async def test_the_middleware_sends_the_customers_token_and_renews_it_on_a_401() -> None:
+    import aiohttp
+
+    async with FakeAuthServer(client_secret=SECRET) as server:
+        owner = server.customers.add("ann@example.com", "pw-123456")
+        async with manager_for(server) as manager:
+            token = await manager.login("ann@example.com", "pw-123456")
+            middleware = manager.aiohttp_middleware(customer=owner)
+            async with aiohttp.ClientSession(middlewares=(middleware,)) as http:
+                api = f"{server.url.rsplit('/oauth', 1)[0]}/api/orders"
+                async with http.get(api) as r:
+                    assert r.status == 200  # the customer's token is live at the API
+                server.revoked.add(token.access_token)  # the API now answers 401
+                async with http.get(api) as r:
+                    assert r.status == 200  # invalidated, renewed, sent again
+                assert server.api_requests == 3
+                renewed = await manager.token(customer=owner)
+                assert renewed.access_token != token.access_token
+        assert server.customers.refresh_requests == 1
+        assert server.customers.refresh_reuses == 0

@@ -329,7 +329,9 @@ class FakeAuthServer:
         self, scope: str | None, now: float, expires_in: float, owner_id: str, kind: str
     ) -> str:
         """An access token for a customer (or user), with the owner in its claims."""
-        return self._jwt(scope, now, {"owner": {"id": owner_id, "type": kind}}, expires_in)
+        token = self._jwt(scope, now, {"owner": {"id": owner_id, "type": kind}}, expires_in)
+        self._expiry[token] = now + expires_in
+        return token
 
     def _jwt(
         self,
