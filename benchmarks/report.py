@@ -237,6 +237,31 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 None,
             )
         )
+    held = results.get("customers")
+    if held:
+        n = f"{held['customers']:,}"
+        warm = held["warm"]
+        out.append(
+            Row(
+                f"Customers: warm `header(customer=…)`, {n} held",
+                _ns(warm["subject_ns_median"]),
+                f"floor {_ns(warm['floor_ns_median'])} (same size)",
+                _x(warm["ratio_median"]),
+                "≤ 1.5×",
+                warm["ratio_median"] <= 1.5,
+            )
+        )
+        out.append(
+            Row(
+                f"Customers: memory per customer held ({n})",
+                f"{held['bytes_per_customer']:,.0f} B",
+                f"access token {held['access_token_chars']} chars, "
+                f"refresh token {held['refresh_token_chars']}",
+                "",
+                "≤ 2,048 B",
+                held["bytes_per_customer"] <= 2048,
+            )
+        )
     stress = results.get("stress")
     if stress:
         for backend in ("file", "redis"):

@@ -27,12 +27,13 @@ from cl_tokens import __version__
 from cl_tokens.testing import FakeAuthServer
 
 from ._common import DEFAULT_REDIS_URL, Config
+from .customers import customers
 from .hot import hot_path, peers, scale
 from .report import rows, write_chart, write_json, write_markdown
 from .stampede import cold_stampede, cross_process
 from .stress import stress
 
-BENCHMARKS = ("hot", "peers", "stampede", "xproc", "scale", "stress")
+BENCHMARKS = ("hot", "peers", "stampede", "xproc", "scale", "stress", "customers")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -64,6 +65,9 @@ async def run(cfg: Config) -> dict[str, Any]:
             f"× {cfg.xproc_rounds} rounds, file and redis"
         )
         results["cross_process"] = await cross_process(cfg)
+    if cfg.wants("customers"):
+        _log("customers: logins, memory per customer, warm header(customer=...)")
+        results["customers"] = await customers(cfg)
     if cfg.wants("stress"):
         _log("stress: 8 processes × 250 coroutines, file and redis, under a CPU hog")
         results["stress"] = await stress(cfg)

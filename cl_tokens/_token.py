@@ -234,8 +234,7 @@ class Token:
         if not self.lifetime > 0:
             # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
-        # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer".
-        object.__setattr__(self, "_authorization", f"Bearer {self.access_token}")
+
 
     def __repr__(self) -> str:
         return (
@@ -246,8 +245,19 @@ class Token:
 
     @property
     def authorization(self) -> str:
-        """The value of the ``Authorization`` header: ``Bearer <token>``."""
-        return self._authorization
+        """The value of the ``Authorization`` header: ``Bearer <token>``.
+
+        Built on first use and kept: the copies a store holds never need it, and
+        thousands of callers woken by one fetch all read the same string.
+        """
+        try:
+            return self._authorization
+        except AttributeError:
+            # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says
+            # "Bearer", and the value is validated as a b64token.
+            value = f"Bearer {self.access_token}"
+            object.__setattr__(self, "_authorization", value)
+            return value
 
     @property
     def claims(self) -> TokenClaims | None:
