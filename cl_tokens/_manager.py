@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import random
 import warnings
 import weakref
@@ -25,7 +24,7 @@ import aiohttp
 
 from ._clock import Clock, SystemClock
 from ._customers import CustomerTokens, Owner
-from ._endpoint import BodyEncoding, TokenEndpoint, auth_url_problem
+from ._endpoint import BodyEncoding, TokenEndpoint
 from ._errors import (
     AuthenticationError,
     BackendError,
@@ -35,10 +34,19 @@ from ._errors import (
 )
 from ._http import check_session
 from ._keys import credential_keys
+from ._lifecycle import (
+    LIVE,
+    argument_problems,
+    check_clock,
+    forget_idle,
+    reset_after_fork,
+    warn_unclosed,
+)
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._retry import with_retries
 from ._shared import UNAVAILABLE, SharedTier
 from ._singleflight import SingleFlight
+from ._throttle import Throttle, throttles
 from ._token import Token, fingerprint
 from ._tuning import Tuning, safety_margin
 from ._version import __version__
@@ -123,7 +131,7 @@ class TokenManager(CustomerTokens):
         max_customers: int = Tuning.max_customers,
         allow_plaintext_refresh_tokens: bool = Tuning.allow_plaintext_refresh_tokens,
     ) -> None:
-        problems = _argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
+        problems = argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
         if backend is not None and not isinstance(backend, (str, TokenBackend)):
             problems.append("backend must be a URL string or a TokenBackend instance")
         options = dict(backend_options or {})
@@ -217,12 +225,12 @@ class TokenManager(CustomerTokens):
         # Access tokens dropped by invalidate() or found stale, with their expiry: a read
         # of the shared backend must not bring them back while they may still be there.
         self._rejected: dict[str, tuple[str, float]] = {}
-        self._backoffs: dict[str, _Backoff] = {}
+        self._throttle = Throttle(self._tuning, self._clock, self._shared)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
         self._init_customers()
-        _LIVE.add(self)
+        LIVE.add(self)
 
     def _build_backend(
         self, backend: TokenBackend | str | None, options: dict[str, Any]
@@ -524,11 +532,11 @@ class TokenManager(CustomerTokens):
 
     async def _obtain_or_raise(self, key: str, scope: str | None, stale: Token | None) -> Token:
         self._raise_if_cooling_down(key)
-        self._raise_if_backing_off(key)
+        self._throttle.raise_if_backing_off(key)
         stored = await self._shared.read(key)
         if self._acceptable(key, stored, stale):
             return self._install(key, stored)  # type: ignore[arg-type]
-        await self._check_shared_backoff(key)
+        await self._throttle.check_shared(key)
         outcome = await self._lock_or_token(key, stale)
         if isinstance(outcome, Token):
             return self._install(key, outcome)
@@ -539,15 +547,14 @@ class TokenManager(CustomerTokens):
                 stored = await self._shared.read(key)
                 if self._acceptable(key, stored, stale):
                     return self._install(key, stored)  # type: ignore[arg-type]
-                await self._check_shared_backoff(key)
+                await self._throttle.check_shared(key)
             try:
                 token = await self._fetch(key, scope, refreshing=stale is not None)
             except TokenEndpointError as error:
-                if _throttles(error):
-                    # Written before the lock is released: the next holder sees it.
-                    await self._enter_backoff(key, error)
+                if throttles(error):
+                    await self._throttle.enter(key, error)  # before the lock is released
                 raise
-            self._backoffs.pop(key, None)
+            self._throttle.succeeded(key)
             if stale is not None and token.access_token == stale.access_token:
                 # Reissued with the time *left* as expires_in: keep the original lifetime,
                 # so every process computes the same windows from the stored token.
@@ -671,63 +678,6 @@ class TokenManager(CustomerTokens):
             detail=error.detail,
         )
 
-    # -- the fleet-wide back-off -----------------------------------------------------------
-
-    def _raise_if_backing_off(self, key: str) -> None:
-        backoff = self._backoffs.get(key)
-        if backoff is None:
-            return
-        left = backoff.retry_at - self._clock.time()
-        if left <= 0:
-            return
-        raise TokenEndpointError(
-            f"token requests for this credential are backing off after {backoff.cause}; "
-            f"no request is sent for {left:.3g} s more",
-            status=backoff.status,
-            retry_after=left,
-        )
-
-    async def _check_shared_backoff(self, key: str) -> None:
-        """Raise if another process (or machine) set a back-off for ``key``."""
-        retry_at = await self._shared.backoff(key)
-        if retry_at is None:
-            return
-        known = self._backoffs.get(key)
-        if known is None or known.retry_at < retry_at:
-            delay = retry_at - self._clock.time()
-            self._backoffs[key] = _Backoff(
-                retry_at=retry_at,
-                delay=max(delay, known.delay if known is not None else 0.0),
-                cause="a failure seen by another process",
-                status=None,
-            )
-        self._raise_if_backing_off(key)
-
-    async def _enter_backoff(self, key: str, error: TokenEndpointError) -> None:
-        """After a 429 or a fetch whose attempts all failed: no request before
-        ``retry_at``, here and (through the shared backend) in every process."""
-        tuning = self._tuning
-        previous = self._backoffs.get(key)
-        if error.retry_after is not None:
-            delay = min(error.retry_after, tuning.throttle_cap)
-        elif previous is not None:
-            delay = min(tuning.throttle_cap, max(tuning.backoff_base, 2 * previous.delay))
-        else:
-            delay = min(tuning.throttle_cap, tuning.backoff_base)
-        if delay <= 0:
-            return
-        retry_at = self._clock.time() + delay
-        status = error.status
-        cause = f"HTTP {status}" if status else "failed requests"
-        self._backoffs[key] = _Backoff(retry_at, delay, cause, status)
-        logger.warning(
-            "token endpoint %s: no token request for this credential for %.3g s, "
-            "in any process sharing the backend",
-            "rate limited (HTTP 429)" if status == 429 else "failing",
-            delay,
-        )
-        await self._shared.set_backoff(key, retry_at)
-
     # -- the tiers ---------------------------------------------------------------------
 
     def _reject(self, key: str, access_token: str, expires_at: float | None = None) -> None:
@@ -740,32 +690,7 @@ class TokenManager(CustomerTokens):
         self._rejected[key] = (access_token, expires_at)
 
     def _forget_idle(self) -> None:
-        """Drop per-key state whose token expired or whose error state ended, so memory
-        is bounded by the live tokens, not by every scope ever asked for."""
-        now = self._clock.time()
-        mono = self._clock.monotonic()
-        for key, (_, until) in list(self._rejected.items()):
-            if now >= until:
-                del self._rejected[key]
-        for key, backoff in list(self._backoffs.items()):
-            if now >= backoff.retry_at + self._tuning.throttle_cap:
-                del self._backoffs[key]
-        for key, (until_mono, _) in list(self._cooldowns.items()):
-            if mono >= until_mono:
-                del self._cooldowns[key]
-        self._forget_spent_pairs(now)
-        live = {
-            key
-            for key in self._tier.keys()
-            | self._pairs.keys()
-            | self._rejected.keys()
-            | self._backoffs.keys()
-            | self._cooldowns.keys()
-        }
-        for scope_arg, (key, _) in list(self._keys.items()):
-            if key not in live and not self._flights.in_flight(key):
-                del self._keys[scope_arg]
-        self._tier.forget_idle_pending(self._flights.in_flight)
+        forget_idle(self)
 
     def _resolve(self, scope_arg: object) -> tuple[str, str | None]:
         """(cache key, scope) for a scope argument (or a (scope, customer) pair),
@@ -817,7 +742,7 @@ class TokenManager(CustomerTokens):
             # The task holds the manager weakly: a manager dropped without aclose() can
             # be collected (and says so with a ResourceWarning), ending this task.
             self._keeper = loop.create_task(
-                _check_clock(weakref.ref(self), loop, self._tuning.clock_check_interval),
+                check_clock(weakref.ref(self), loop, self._tuning.clock_check_interval),
                 name="cl_tokens clock check",
             )
 
@@ -849,130 +774,7 @@ class TokenManager(CustomerTokens):
             raise TokenError("this TokenManager is closed")
 
     def _after_fork_in_child(self) -> None:
-        """Forget what belongs to the parent: its loop, tasks, connections and the hot
-        tier, which no timer of this process would retire. The memory tier stays: every
-        read of it is checked against the clocks."""
-        self._tier.clear_hot()
-        self._tier.cancel_timers()
-        self._flights.forget()
-        if self._keeper is not None:
-            self._keeper._log_destroy_pending = False  # type: ignore[attr-defined]
-        self._keeper = None
-        self._loop = None
-        if self._own_session is not None:
-            # The parent's sockets: not ours to close, nor to let aiohttp's finalizers
-            # report as unclosed in this process. Kept, unused, for the child's life.
-            _INHERITED.append(self._own_session.connector)
-            self._own_session.detach()
-            self._own_session = None
+        reset_after_fork(self)
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
-        if getattr(self, "_closed", True) or getattr(self, "_loop", None) is None:
-            return
-        _warn(
-            f"unclosed TokenManager for client {self._client_id!r}: call aclose() or "
-            "use 'async with'",
-            ResourceWarning,
-            source=self,
-        )
-        keeper = self._keeper
-        if keeper is not None and not keeper.done():
-            loop = keeper.get_loop()
-            if not loop.is_closed():
-                try:
-                    loop.call_soon_threadsafe(keeper.cancel)
-                except RuntimeError:  # the loop closed meanwhile
-                    pass
-
-
-async def _check_clock(
-    manager_ref: weakref.ref[TokenManager], loop: asyncio.AbstractEventLoop, interval: float
-) -> None:
-    """Retire hot entries that the clocks say are due, whatever the timers did, and
-    forget per-key state that ended."""
-    try:
-        while True:
-            await asyncio.sleep(interval)
-            manager = manager_ref()
-            if manager is None:
-                return
-            manager._tier.sweep()
-            manager._forget_idle()
-            del manager
-    except GeneratorExit:
-        # Closed without being cancelled: its loop was closed under it. Nothing can
-        # be awaited any more; the hot tier must not outlive the loop's timers.
-        # (Closed late, by the garbage collector, after the manager moved on to a
-        # new loop: then the state is the new loop's, and is left alone.)
-        manager = manager_ref()
-        if manager is None or loop is not manager._loop:
-            raise
-        manager._tier.clear_hot()
-        if manager._own_session is not None:
-            manager._own_session.detach()
-            manager._own_session = None
-        raise
-    except asyncio.CancelledError:
-        # The loop is ending (or the manager closing): same, and close the session's
-        # connections while the loop can still run the closing.
-        manager = manager_ref()
-        if manager is not None:
-            manager._tier.clear_hot()
-            session, manager._own_session = manager._own_session, None
-            del manager
-            if session is not None:
-                await session.close()
-        raise
-
-
-_LIVE: weakref.WeakSet[TokenManager] = weakref.WeakSet()
-_INHERITED: list[object] = []
-
-
-def _after_fork_in_child() -> None:
-    for manager in list(_LIVE):
-        manager._after_fork_in_child()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _argument_problems(
-    client_id: object,
-    client_secret: object,
-    scope: object,
-    auth_url: object,
-    body_encoding: object,
-) -> list[str]:
-    problems = []
-    if not isinstance(client_id, str) or not client_id.strip():
-        problems.append("client_id must be a non-empty string")
-    if client_secret is not None and (not isinstance(client_secret, str) or not client_secret):
-        problems.append("client_secret must be a non-empty string or None")
-    if scope is not None and (not isinstance(scope, str) or not scope.strip()):
-        problems.append("scope must be a non-empty string such as 'market:code:europe', or None")
-    url_problem = auth_url_problem(auth_url)
-    if url_problem:
-        problems.append(f"auth_url {url_problem}")
-    if body_encoding not in ("json", "form"):
-        problems.append(f"body_encoding must be 'json' or 'form', not {body_encoding!r}")
-    return problems
-
-
-class _Backoff:
-    """A key's back-off: no token request before ``retry_at`` (wall clock)."""
-
-    __slots__ = ("cause", "delay", "retry_at", "status")
-
-    def __init__(self, retry_at: float, delay: float, cause: str, status: int | None) -> None:
-        self.retry_at = retry_at
-        self.delay = delay
-        self.cause = cause
-        self.status = status
-
-
-def _throttles(error: TokenEndpointError) -> bool:
-    """Whether a failed fetch must hold back the fleet: a 429, or transient failures
-    (5xx, timeouts, connection errors) that used up the attempts or the deadline."""
-    return error.status == 429 or error.retryable or error.retry_after is not None
+        warn_unclosed(self, _warn)

@@ -195,5 +195,5 @@ async def test_success_ends_the_back_off_and_its_doubling() -> None:
         assert delays[0] <= 0.05 < delays[1] <= 0.1 < delays[2] <= 0.2
         await manager.header()
         key = cache_key(server.url, server.client_id, None, SECRET)
-        assert key not in manager._backoffs
+        assert key not in manager._throttle.backoffs
         await manager.aclose()

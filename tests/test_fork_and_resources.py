@@ -243,7 +243,7 @@ async def test_20000_one_off_scopes_leave_nothing_behind_once_expired() -> None:
     await asyncio.sleep(0.2)  # a sweep of 25,000 keys
     assert manager._keys == {}
     assert manager._cooldowns == {}
-    assert manager._backoffs == {}
+    assert manager._throttle.backoffs == {}
     assert manager._rejected == {}
     assert manager._tier.keys() == set()
     assert manager._tier._pending == {}
