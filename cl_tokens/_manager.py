@@ -32,6 +32,7 @@ from ._errors import (
     TokenEndpointError,
     TokenError,
 )
+from ._http import check_session
 from ._keys import credential_keys
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._retry import with_retries
@@ -44,9 +45,9 @@ from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
 if TYPE_CHECKING:
     from ._aiohttp_middleware import TokenMiddleware
-    from .backends._codec import EncryptionKey
     from ._httpx_auth import TokenAuth
     from ._settings import Settings
+    from .backends._codec import EncryptionKey
 
 __all__ = ["DEFAULT_AUTH_URL", "TokenManager"]
 
@@ -135,6 +136,11 @@ class TokenManager:
                 options["encryption_key"] = encryption_key
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             problems.append("session must be an aiohttp.ClientSession")
+        elif session is not None:
+            try:
+                check_session(session)
+            except ConfigurationError as exc:
+                problems.append(str(exc))
         try:
             self._tuning = Tuning(
                 safety_margin=safety_margin,

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Any, TypeVar
 
 from ._clock import Clock
 from ._errors import BackendError
+from ._http import safe_text
 from ._keys import CredentialKeys
 from ._token import Token
 from .backends import LockHandle, TokenBackend
@@ -78,6 +79,8 @@ class SharedTier:
         self._backoff_cap = backoff_cap
         self._forged: set[str] = set()  # keys already warned about: one warning each
         self._renewals: dict[LockHandle, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._rewrites: dict[str, asyncio.Task[None]] = {}
         self._clock = clock
         self._strict = strict
         self._timeout = timeout
@@ -117,7 +120,9 @@ class SharedTier:
                     "in-process cache and direct fetches until it answers again",
                     self.backend,
                     what,
-                    exc if isinstance(exc, BackendError) else reason,
+                    # The store's own words (a Redis error reply, a path) may carry
+                    # anything: escaped and cut short like a server's.
+                    safe_text(exc) if isinstance(exc, BackendError) else reason,
                 )
             self._down_until = self._clock.monotonic() + self._retry_interval
             return UNAVAILABLE
@@ -149,7 +154,22 @@ class SharedTier:
     async def write(self, key: str, token: Token) -> None:
         """Store ``token`` under ``key``, sealed with this credential's MAC."""
         sealed = replace(token, seal=self._keys.seal(key, token))
-        await self._call(self.backend.set(key, sealed), "write a token")
+        self._cancel_rewrite(key)
+        result = await self._call(self.backend.set(key, sealed), "write a token")
+        if isinstance(result, _Unavailable):
+            # Lost to a failover or a blip: the other processes would each fetch.
+            task = self._later(lambda: self.backend.set(key, sealed))
+            self._rewrites[key] = task
+            task.add_done_callback(
+                lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
+            )
+
+    def _cancel_rewrite(self, key: str) -> None:
+        """A later write or delete of ``key`` supersedes a write still being retried: an
+        invalidated token must never come back from a late retry."""
+        task = self._rewrites.pop(key, None)
+        if task is not None:
+            task.cancel()
 
     async def backoff(self, key: str) -> float | None:
         """The shared back-off's ``retry_at`` for ``key`` (wall clock), or None.
@@ -169,6 +189,7 @@ class SharedTier:
         await self._call(self.backend.set_backoff(key, retry_at), "write a back-off")
 
     async def delete_if(self, key: str, access_token: str) -> bool:
+        self._cancel_rewrite(key)
         result = await self._call(self.backend.delete(key, access_token), "delete a token")
         return False if isinstance(result, _Unavailable) else result
 
@@ -214,7 +235,32 @@ class SharedTier:
             await within(self.backend.release_lock(handle), self._timeout)
         except Exception as exc:
             logger.warning(
-                "shared token backend %r failed to release a lock (%s); it expires with its lease",
+                "shared token backend %r failed to release a lock (%s); retrying in the "
+                "background, else it expires with its lease",
                 self.backend,
                 type(exc).__name__,
             )
+            self._later(lambda: self.backend.release_lock(handle))
+
+    def _later(
+        self, call: Callable[[], Awaitable[object]], budget: float = 5.0
+    ) -> asyncio.Task[None]:
+        """Retry ``call`` in the background for up to ``budget`` seconds: a write or a
+        release lost to a failover costs the fleet a wait or a fetch if never retried."""
+
+        async def retry() -> None:
+            end = self._clock.monotonic() + budget
+            delay = 0.1
+            while self._clock.monotonic() + delay < end:
+                await asyncio.sleep(delay)
+                try:
+                    await within(call(), self._timeout)
+                except Exception:
+                    delay = min(2 * delay, 1.0)
+                    continue
+                return
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task

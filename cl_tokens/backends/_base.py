@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -18,12 +19,20 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
 
-__all__ = ["BackendURL", "LockHandle", "TokenBackend", "backend_from_url", "known_schemes"]
+__all__ = [
+    "BackendURL",
+    "LockHandle",
+    "TokenBackend",
+    "backend_from_url",
+    "known_schemes",
+    "redact_url",
+    "split_userinfo",
+]
 
 _REGISTRY: dict[str, type[TokenBackend]] = {}
 _B = TypeVar("_B", bound="TokenBackend")
@@ -31,7 +40,13 @@ _B = TypeVar("_B", bound="TokenBackend")
 
 @dataclass(frozen=True)
 class BackendURL:
-    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``."""
+    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``.
+
+    ``raw`` is the URL as given, except that its userinfo is percent-encoded: a password
+    with ``/``, ``#``, ``?`` or ``@`` then reaches a client that parses ``raw`` again
+    whole, instead of cutting the host short. Neither ``raw`` nor the password shows
+    in ``repr``.
+    """
 
     raw: str = field(repr=False)
     scheme: str
@@ -44,42 +59,95 @@ class BackendURL:
 
     @classmethod
     def parse(cls, url: str) -> BackendURL:
-        parts = urlsplit(url)
+        """Parse ``url``; the userinfo is everything between ``://`` and the last ``@``
+        (see ``split_userinfo``), so a password with ``/``, ``#`` or ``?`` stays whole.
+
+        Raises:
+            ConfigurationError: the URL does not parse (the message never echoes it).
+        """
         try:
+            scheme, userinfo, rest = split_userinfo(url)
+            parts = urlsplit(f"{scheme}://{rest}")
             port = parts.port
         except ValueError:
-            raise ConfigurationError(
-                f"backend URL has an invalid port: {redact_url(url)}"
-            ) from None
+            raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
+        username = password = None
+        raw = url
+        if userinfo is not None:
+            name, colon, secret = userinfo.partition(":")
+            username = unquote(name) or None
+            password = unquote(secret) if colon and secret else None
+            # Percent-encoded, so a client that parses ``raw`` again with urlsplit
+            # (redis-py's from_url) reads the same user, password and host as here.
+            raw = f"{scheme}://{_reencode(name)}{':' + _reencode(secret) if colon else ''}@{rest}"
         return cls(
-            raw=url,
-            scheme=parts.scheme.lower(),
+            raw=raw,
+            scheme=scheme.lower(),
             host=parts.hostname,
             port=port,
             path=unquote(parts.path),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=username,
+            password=password,
             query=dict(parse_qsl(parts.query)),
         )
 
 
+def _reencode(part: str) -> str:
+    """``part`` of a userinfo percent-encoded; an already encoded one is unchanged."""
+    return quote(unquote(part, errors="surrogateescape"), safe="", errors="surrogateescape")
+
+
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+
+
+def split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``url`` as (scheme, userinfo or None, the rest: host, port, path, query...).
+
+    The userinfo is everything between ``://`` and the *last* ``@``, whatever it holds:
+    generated passwords contain ``/``, ``#`` and ``?``, which ``urlsplit`` would take
+    for the end of the host and so show part of the password as a path. When an ``@``
+    is in a path or query instead, more is taken as userinfo than was: a redaction
+    then hides too much, never too little.
+
+    Raises:
+        ValueError: ``url`` is not ``scheme://...`` (the message never echoes it).
+    """
+    if not isinstance(url, str):
+        raise ValueError("a URL must be a string")
+    scheme, sep, rest = url.partition("://")
+    if not sep or _SCHEME.fullmatch(scheme) is None:
+        raise ValueError("not a scheme://... URL")
+    at = rest.rfind("@")
+    if at < 0:
+        return scheme, None, rest
+    return scheme, rest[:at], rest[at + 1 :]
+
+
 def redact_url(url: str) -> str:
-    """``url`` fit for messages and repr: any password and every query value (redis-py
-    takes ``?password=``) replaced by ``***``."""
+    """``url`` fit for messages and repr: the password, every query value (redis-py
+    takes ``?password=``) and any fragment replaced by ``***``.
+
+    The userinfo is found as ``split_userinfo`` does, so no character in a password
+    can push part of it out of the redaction. A URL that does not parse at all is shown
+    as ``<unparseable URL>``, never echoed: it may be a secret pasted in the wrong place.
+    """
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        scheme, userinfo, rest = split_userinfo(url)
+        parts = urlsplit(f"{scheme}://{rest}")
+        parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:
         return "<unparseable URL>"
-    if password is None and not parts.query:
-        return url
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    user = ""
+    if userinfo is not None:
+        name, colon, _ = userinfo.partition(":")
+        user = f"{name}:***@" if colon else f"{name}@"
     query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, True))
     # Built by hand: urlunsplit drops the "//" of schemes it does not know (memory://).
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return (
+        f"{scheme}://{user}{parts.netloc}{parts.path}"
+        + (f"?{query}" if query else ("?***" if parts.query else ""))
+        + ("#***" if parts.fragment else "")
+    )
 
 
 @dataclass(frozen=True)

@@ -36,8 +36,12 @@ class MemoryBackend(TokenBackend):
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> MemoryBackend:
+        # Never echo the URL: "memory://user:secret@..." would put the secret in the
+        # message, and memory:// has no use for any part of it.
+        if "@" in url.raw:
+            raise ConfigurationError("memory:// takes no credentials (nothing before an @)")
         if url.host or url.path not in ("", "/") or url.query:
-            raise ConfigurationError(f"memory:// takes no host, path or options, not {url.raw!r}")
+            raise ConfigurationError("memory:// takes no host, path or options: use memory://")
         return cls(**options)
 
     def __repr__(self) -> str:

@@ -84,6 +84,7 @@ class FakeAuthServer:
             to behave like Commerce Layer, which returns the same token until only that
             much of its life is left (900 s there).
         port: 0 for a free port.
+        issuer: the ``iss`` claim of the tokens it issues; None for its own base URL.
 
     Use ``async with FakeAuthServer() as server:`` and point a manager at ``server.url``.
     """
@@ -101,6 +102,7 @@ class FakeAuthServer:
         reissue_window: float | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        issuer: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -112,6 +114,7 @@ class FakeAuthServer:
         self.reissue_window = reissue_window
         self._host = host
         self._port = port
+        self.issuer = issuer
         self.requests: list[RecordedRequest] = []
         self.token_requests = 0
         self.api_requests = 0
@@ -326,7 +329,7 @@ class FakeAuthServer:
             "scope": scope or "market:all",
             "exp": int(now + self.expires_in),
             "iat": int(now),
-            "iss": self.base_url,
+            "iss": self.base_url if self.issuer is None else self.issuer,
             "test": True,
             "rand": secrets.token_hex(8),
         }
