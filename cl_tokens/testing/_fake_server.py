@@ -1,19 +1,33 @@
-"""A real local token server that speaks like Commerce Layer's, for tests and demos."""
+"""A real local token server that speaks like Commerce Layer's, for tests and demos.
+
+Tokens are signed RS512 with an RSA key generated once per process, whose public half
+is served at ``/.well-known/jwks.json``, so ``JWKSVerifier`` verifies them offline. That
+needs cryptography (the ``test`` and ``jwt`` extras); without it the tokens keep the
+same shape with a random signature, and the key set is empty.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import secrets
+import socket
+import threading
 import time
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import parse_qsl
 
 from aiohttp import web
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
 
 __all__ = ["FakeAuthServer", "RecordedRequest"]
 
@@ -63,13 +77,57 @@ def _b64(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
+def _b64_int(value: int) -> str:
+    return _b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
+
+
+_Signer = tuple["RSAPrivateKey", str, dict[str, str]]
+_KEY_LOCK = threading.Lock()
+_KEY: list[_Signer] = []
+
+
+def _signing_key() -> _Signer | None:
+    """(private key, kid, public JWK), generated once per process (every server signs
+    with it and serves it); None without cryptography. 2048 bits: about 0.1 s to
+    generate, 1 ms a signature."""
+    if _KEY:
+        return _KEY[0]
+    try:
+        from cryptography.hazmat.primitives.asymmetric import rsa
+    except ImportError:
+        return None
+    with _KEY_LOCK:
+        if not _KEY:
+            _KEY.append(_new_signer(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
+    return _KEY[0]
+
+
+def _new_signer(key: RSAPrivateKey) -> _Signer:
+    numbers = key.public_key().public_numbers()
+    n, e = _b64_int(numbers.n), _b64_int(numbers.e)
+    # The kid: RFC 7638's thumbprint, the SHA-256 of the required members in order.
+    thumbprint = json.dumps({"e": e, "kty": "RSA", "n": n}, separators=(",", ":"))
+    kid = _b64(hashlib.sha256(thumbprint.encode()).digest())
+    return key, kid, {"kty": "RSA", "use": "sig", "alg": "RS512", "kid": kid, "n": n, "e": e}
+
+
+def _sign(key: RSAPrivateKey, signing_input: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    return key.sign(signing_input, padding.PKCS1v15(), hashes.SHA512())
+
+
 class FakeAuthServer:
     """An aiohttp.web server on 127.0.0.1 (a free port) with Commerce Layer's token API.
 
-    ``POST /oauth/token`` answers like ``auth.commercelayer.io``: JWT-shaped tokens with
+    ``POST /oauth/token`` answers like ``auth.commercelayer.io``: RS512 JWTs with
     ``organization``, ``application``, ``market``, ``exp`` and ``iss`` claims, and its
-    error shapes. ``POST /oauth/revoke`` revokes a token. ``/api/...`` acts as a
-    Commerce Layer API: 200 for a live token, 401 ``INVALID_TOKEN`` otherwise.
+    error shapes. ``GET /.well-known/jwks.json`` serves the signing key, so
+    ``JWKSVerifier(issuers=[server.base_url])`` verifies the tokens offline.
+    ``POST /oauth/revoke`` revokes a token. ``/api/...`` acts as a Commerce Layer API:
+    200 for a live token, 401 ``INVALID_TOKEN`` otherwise. It runs on any asyncio event
+    loop, uvloop included.
 
     Args:
         client_id: the client id it accepts.
@@ -83,6 +141,7 @@ class FakeAuthServer:
         reissue_window: None to issue a new token on every request; a number of seconds
             to behave like Commerce Layer, which returns the same token until only that
             much of its life is left (900 s there).
+        host: the address to listen on (loopback by default).
         port: 0 for a free port.
         issuer: the ``iss`` claim of the tokens it issues; None for its own base URL.
 
@@ -93,7 +152,7 @@ class FakeAuthServer:
         self,
         *,
         client_id: str = "test-client-id",
-        client_secret: str | None = "test-client-secret",
+        client_secret: str | None = "test-client-secret",  # noqa: S107 - a fake server's
         expires_in: float = 7200,
         latency: float = 0.0,
         body_encoding: Literal["json", "form", "any"] = "any",
@@ -135,6 +194,11 @@ class FakeAuthServer:
         return f"{self.base_url}/oauth/token"
 
     @property
+    def jwks_url(self) -> str:
+        """The key set: ``http://127.0.0.1:<port>/.well-known/jwks.json``."""
+        return f"{self.base_url}/.well-known/jwks.json"
+
+    @property
     def api_url(self) -> str:
         """The base of the fake Commerce Layer API: ``http://127.0.0.1:<port>/api``."""
         return f"{self.base_url}/api"
@@ -143,20 +207,39 @@ class FakeAuthServer:
         app = web.Application()
         app.router.add_post("/oauth/token", self._token)
         app.router.add_post("/oauth/revoke", self._revoke)
+        app.router.add_get("/.well-known/jwks.json", self._jwks)
         app.router.add_route("*", "/api/{tail:.*}", self._api)
+        if self.signed:
+            # Made before the first request, not by it: 0.1 s off the first token's latency.
+            await asyncio.get_running_loop().run_in_executor(None, _signing_key)
+        # The socket is bound here, so its port is known whatever the event loop's server
+        # type (asyncio's or uvloop's).
+        sock = _listening_socket(self._host, self._port)
         # Held requests (delay_next) must not hold up the shutdown of a test.
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5
         )
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port, backlog=4096)
-        await site.start()
-        server = site._server
-        assert server is not None
-        assert isinstance(server, asyncio.base_events.Server)
-        port = server.sockets[0].getsockname()[1]
-        self.base_url = f"http://{self._host}:{port}"
+        try:
+            await self._runner.setup()
+            await web.SockSite(self._runner, sock, backlog=4096).start()
+        except BaseException:
+            sock.close()
+            await self._runner.cleanup()
+            self._runner = None
+            raise
+        address = sock.getsockname()
+        host = f"[{address[0]}]" if sock.family == socket.AF_INET6 else address[0]
+        self.base_url = f"http://{host}:{address[1]}"
         return self
+
+    @property
+    def signed(self) -> bool:
+        """Whether tokens are signed (cryptography is installed)."""
+        try:
+            import cryptography  # noqa: F401
+        except ImportError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         if self._runner is not None:
@@ -165,6 +248,35 @@ class FakeAuthServer:
 
     async def __aenter__(self) -> FakeAuthServer:
         return await self.start()
+
+    @contextmanager
+    def in_thread(self, timeout: float = 30.0) -> Iterator[FakeAuthServer]:
+        """Run the server on an event loop of its own in a daemon thread, for the block.
+
+        For synchronous tests (a Django or Flask app, ``SyncTokenManager``) and for
+        tests whose event loop comes and goes: the server outlives any test's loop.
+        Fault injection (``fail_next``...) and the counters work from the test's
+        thread as they do on one loop.
+
+        Args:
+            timeout: seconds to wait for the server to start, and to stop.
+        """
+        loop = asyncio.new_event_loop()
+        thread = threading.Thread(
+            target=loop.run_forever, name=f"FakeAuthServer-{id(self):x}", daemon=True
+        )
+        thread.start()
+        try:
+            asyncio.run_coroutine_threadsafe(self.start(), loop).result(timeout)
+            try:
+                yield self
+            finally:
+                asyncio.run_coroutine_threadsafe(self.aclose(), loop).result(timeout)
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join(timeout)
+            if not thread.is_alive():
+                loop.close()
 
     async def __aexit__(
         self,
@@ -335,8 +447,13 @@ class FakeAuthServer:
         }
         if scope and scope.startswith("market:"):
             claims["market"] = {"id": [scope.rsplit(":", 1)[-1]], "price_list_id": None}
+        signer = _signing_key()
+        if signer is not None:
+            header["kid"] = signer[1]
         signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
-        return signing_input + "." + _b64(secrets.token_bytes(64))
+        if signer is None:
+            return signing_input + "." + _b64(secrets.token_bytes(64))
+        return signing_input + "." + _b64(_sign(signer[0], signing_input.encode("ascii")))
 
     def _fault_response(self, fault: _Fault) -> web.Response:
         headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
@@ -384,6 +501,10 @@ class FakeAuthServer:
             self.revoked.add(token)
         return web.json_response({})
 
+    async def _jwks(self, request: web.Request) -> web.Response:
+        signer = _signing_key()
+        return web.json_response({"keys": [signer[2]] if signer is not None else []})
+
     async def _api(self, request: web.Request) -> web.Response:
         self.api_requests += 1
         auth = request.headers.get("Authorization", "")
@@ -398,3 +519,19 @@ def _cl_error(status: int, code: str, title: str, detail: str) -> web.Response:
         {"errors": [{"code": code, "title": title, "detail": detail, "status": status}]},
         status=status,
     )
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host``:``port`` (0: a free port), ready for a server."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
