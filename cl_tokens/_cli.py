@@ -424,7 +424,11 @@ def _common_options(credentials: bool = True) -> argparse.ArgumentParser:
         config.add_argument("--auth-url", metavar="URL", help="instead of $CL_AUTH_URL")
     output = common.add_argument_group("output")
     output.add_argument(
-        "-v", "--verbose", action="store_true", help="show the library's log (warnings, fetches)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the library's info log (fetches, retries); warnings that "
+        "change the outcome are shown without it",
     )
     output.add_argument("--debug", action="store_true", help="debug log and error tracebacks")
     return common

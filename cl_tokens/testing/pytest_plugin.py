@@ -20,12 +20,15 @@ Disable the plugin with ``-p no:cl_tokens``.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from .._manager import TokenManager
-from ._fake_server import FakeAuthServer
+if TYPE_CHECKING:
+    # Imported by the fixtures, not here: pytest loads this plugin in every session of
+    # every project where cl-tokens is installed, most of which never use it.
+    from .._manager import TokenManager
+    from ._fake_server import FakeAuthServer
 
 # cl_token_manager is defined below under a private name: its definition depends on
 # whether pytest-asyncio is installed.
@@ -47,11 +50,15 @@ def cl_token_manager_options() -> dict[str, Any]:
 @pytest.fixture
 def cl_fake_auth(cl_fake_auth_options: dict[str, Any]) -> Iterator[FakeAuthServer]:
     """A started fake Commerce Layer token server, stopped after the test."""
+    from ._fake_server import FakeAuthServer
+
     with FakeAuthServer(**cl_fake_auth_options).in_thread() as server:
         yield server
 
 
 def _manager(server: FakeAuthServer, options: dict[str, Any]) -> TokenManager:
+    from .._manager import TokenManager
+
     options = {"auth_url": server.url, **options}
     return TokenManager(server.client_id, server.client_secret, **options)
 
