@@ -13,6 +13,7 @@ import aiohttp
 
 from ._clock import Clock
 from ._errors import ConfigurationError, TokenEndpointError
+from ._grants import CLIENT_CREDENTIALS, Grant
 from ._http import Answer, error_for, loads_json, oversized_error, post, redactor
 from ._token import Token
 from .backends._base import split_userinfo
@@ -77,6 +78,10 @@ def auth_url_problem(url: object) -> str | None:
     return None
 
 
+#: Commerce Layer's refresh tokens live two weeks; the answer does not say so.
+REFRESH_TOKEN_LIFETIME = 14 * 24 * 3600.0
+
+
 class TokenEndpoint:
     """Sends one client_credentials request and turns the answer into a Token or an error."""
 
@@ -116,30 +121,35 @@ class TokenEndpoint:
         """``text`` with any echo of the client secret removed, in any encoding."""
         return self._redact(text)
 
-    async def request(self, scope: str | None, timeout: float) -> Token:
+    async def request(
+        self, scope: str | None, timeout: float, grant: Grant = CLIENT_CREDENTIALS
+    ) -> Token:
         """One POST to the token endpoint, answered within ``timeout`` seconds."""
         sent_at = self._clock.time()
+        redact = self.redact if not grant.fields else redactor(self._client_secret, *grant.secrets)
         answer = await post(
             await self._session(),
             self.auth_url,
-            body=self.body(scope),
+            body=grant.body(self._client_id, self._client_secret, scope),
             form=self._body_encoding == "form",
             headers=self._headers,
             timeout=timeout,
             what="token endpoint",
-            redact=self.redact,
+            redact=redact,
         )
         if answer.status == 200:
-            return self._token_from(answer, scope, sent_at)
+            return self._token_from(answer, scope, sent_at, grant)
         raise error_for(
             answer,
             what="token endpoint",
-            action="token request",
-            redact=self.redact,
+            action="token request" if not grant.fields else f"{grant.label} token request",
+            redact=redact,
             now=self._clock.time(),
         )
 
-    def _token_from(self, answer: Answer, scope: str | None, sent_at: float) -> Token:
+    def _token_from(
+        self, answer: Answer, scope: str | None, sent_at: float, grant: Grant = CLIENT_CREDENTIALS
+    ) -> Token:
         """The token in a 200 answer; a malformed one is a TokenEndpointError (not
         retried: a server bug, not a transient fault) that names the fault and never
         quotes a value."""
@@ -176,6 +186,11 @@ class TokenEndpoint:
             raise malformed(
                 f"scope is longer than {MAX_SCOPE_LENGTH} characters or has control characters"
             )
+        refresh = data.get("refresh_token") if grant is not CLIENT_CREDENTIALS else None
+        owner_id = data.get("owner_id") if grant is not CLIENT_CREDENTIALS else None
+        if owner_id is not None and not isinstance(owner_id, str):
+            owner_id = str(owner_id) if isinstance(owner_id, int) else None
+        owner_type = data.get("owner_type") if owner_id is not None else None
         try:
             return Token(
                 access_token=access_token,
@@ -184,6 +199,10 @@ class TokenEndpoint:
                 expires_at=sent_at + expires_in,
                 created_at=_number(data.get("created_at")),
                 lifetime=expires_in,
+                refresh_token=refresh if refresh else None,
+                refresh_expires_at=sent_at + REFRESH_TOKEN_LIFETIME if refresh else None,
+                owner_id=owner_id,
+                owner_type=owner_type if isinstance(owner_type, str) and owner_type else None,
             )
         except ValueError as exc:
             # token_value_problem's reason: it names the field, never the value.

@@ -91,6 +91,10 @@ class CredentialKeys:
             token.expires_at,
             token.created_at,
             token.lifetime,
+            token.refresh_token,
+            token.refresh_expires_at,
+            token.owner_id,
+            token.owner_type,
         )
         return hmac.new(self._master, material, hashlib.sha256).hexdigest()
 

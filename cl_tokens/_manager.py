@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ._clock import Clock, SystemClock
+from ._customers import CustomerTokens, Owner
 from ._endpoint import BodyEncoding, TokenEndpoint, auth_url_problem
 from ._errors import (
     AuthenticationError,
@@ -56,7 +57,7 @@ logger = logging.getLogger("cl_tokens")
 DEFAULT_AUTH_URL = "https://auth.commercelayer.io/oauth/token"
 
 
-class TokenManager:
+class TokenManager(CustomerTokens):
     """Gets, caches and shares OAuth2 client_credentials tokens.
 
     ``await manager.header()`` costs about a dict lookup while a token is cached; on a
@@ -119,6 +120,8 @@ class TokenManager:
         clock_check_interval: float = Tuning.clock_check_interval,
         hot_tier: bool = Tuning.hot_tier,
         strict: bool = Tuning.strict,
+        max_customers: int = Tuning.max_customers,
+        allow_plaintext_refresh_tokens: bool = Tuning.allow_plaintext_refresh_tokens,
     ) -> None:
         problems = _argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
         if backend is not None and not isinstance(backend, (str, TokenBackend)):
@@ -162,6 +165,8 @@ class TokenManager:
                 clock_check_interval=clock_check_interval,
                 hot_tier=hot_tier,
                 strict=strict,
+                max_customers=max_customers,
+                allow_plaintext_refresh_tokens=allow_plaintext_refresh_tokens,
             )
         except ConfigurationError as exc:
             problems.append(str(exc))
@@ -216,6 +221,7 @@ class TokenManager:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._init_customers()
         _LIVE.add(self)
 
     def _build_backend(
@@ -284,50 +290,61 @@ class TokenManager:
             f"auth_url={self._auth_url!r}, backend={self._shared.backend!r})"
         )
 
-    async def header(self, scope: str | None = None) -> dict[str, str]:
+    async def header(
+        self, scope: str | None = None, *, customer: str | None = None
+    ) -> dict[str, str]:
         """``{"Authorization": "Bearer <token>"}``, a new dict on every call.
 
         Args:
             scope: overrides the manager's default scope for this call.
+            customer: a customer's ``owner_id``: their token (see ``login``), not the
+                app's own.
 
         Raises:
             AuthenticationError: the credentials were rejected.
+            LoginRequiredError: (with ``customer``) nothing usable is cached for them.
             TokenEndpointError: no token could be had from the endpoint.
             ConfigurationError: ``scope`` is not a non-empty string or None.
         """
+        arg = scope if customer is None else (scope, customer)
         try:
-            value = self._hot_headers.get(scope)
+            value = self._hot_headers.get(arg)
         except TypeError:  # unhashable scope: let the slow path name the problem
             value = None
         if value is not None:
             return {"Authorization": value}
-        found = self._lookup(scope)
+        found = self._lookup(arg)
         token = found if isinstance(found, Token) else await found
         return {"Authorization": token.authorization}
 
-    async def token(self, scope: str | None = None) -> Token:
-        """The current ``Token`` for ``scope`` (the manager's default when None)."""
+    async def token(self, scope: str | None = None, *, customer: str | None = None) -> Token:
+        """The current ``Token`` for ``scope`` (the manager's default when None), or
+        for ``customer``."""
+        arg = scope if customer is None else (scope, customer)
         try:
-            token = self._hot_tokens.get(scope)
+            token = self._hot_tokens.get(arg)
         except TypeError:
             token = None
         if token is not None:
             return token
-        found = self._lookup(scope)
+        found = self._lookup(arg)
         return found if isinstance(found, Token) else await found
 
-    async def invalidate(self, access_token: str, scope: str | None = None) -> bool:
+    async def invalidate(
+        self, access_token: str, scope: str | None = None, *, customer: str | None = None
+    ) -> bool:
         """Drop ``access_token`` from every tier, only if it is still the cached token.
 
         Call it when the API answers 401 ``INVALID_TOKEN``: a hundred callers that saw
         the same stale token cause one new fetch, not a hundred, and a token another
         caller already replaced is left alone. Returns whether anything was dropped.
+        For a customer, the stored refresh token stays: the next call renews with it.
         """
         if not isinstance(access_token, str) or not access_token:
             raise ConfigurationError("access_token must be a non-empty string")
         self._check_open()
         self._bind_loop()
-        key, _ = self._resolve(scope)
+        key, _ = self._resolve(scope if customer is None else (scope, customer))
         # Remember it: a read of the shared backend racing this call must not bring it back.
         self._reject(key, access_token)
         dropped = False
@@ -335,7 +352,8 @@ class TokenManager:
         if entry is not None and entry.token.access_token == access_token:
             self._tier.drop(key)
             dropped = True
-        deleted = await self._shared.delete_if(key, access_token)
+        # A customer's stored pair keeps its refresh token: deleting it would log them out.
+        deleted = customer is None and await self._shared.delete_if(key, access_token)
         if dropped or deleted:
             logger.info("invalidated token %s", fingerprint(access_token))
         return dropped or deleted
@@ -372,7 +390,7 @@ class TokenManager:
         return True
 
     def aiohttp_middleware(
-        self, *, scope: str | None = None, hosts: Iterable[str] = ()
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
     ) -> TokenMiddleware:
         """An aiohttp (>= 3.12) client middleware: ``ClientSession(middlewares=[...])``.
 
@@ -384,12 +402,15 @@ class TokenManager:
             hosts: extra hosts that may receive the token (``api.example.com`` or
                 ``*.example.com``), beyond https ``*.commercelayer.io`` and the
                 auth_url's origin.
+            customer: a customer's ``owner_id``: send their token (see ``login``).
         """
         from ._aiohttp_middleware import TokenMiddleware
 
-        return TokenMiddleware(self, scope=scope, hosts=hosts)
+        return TokenMiddleware(self, scope=scope, hosts=hosts, customer=customer)
 
-    def httpx_auth(self, *, scope: str | None = None, hosts: Iterable[str] = ()) -> TokenAuth:
+    def httpx_auth(
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
+    ) -> TokenAuth:
         """An ``httpx.Auth`` for ``httpx.AsyncClient`` with the middleware's behaviour.
 
         Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``. Arguments as for
@@ -397,7 +418,7 @@ class TokenManager:
         """
         from ._httpx_auth import TokenAuth
 
-        return TokenAuth(self, scope=scope, hosts=hosts)
+        return TokenAuth(self, scope=scope, hosts=hosts, customer=customer)
 
     async def aclose(self) -> None:
         """Cancel and await background work; close the session and backend it owns."""
@@ -506,18 +527,18 @@ class TokenManager:
         self._raise_if_backing_off(key)
         stored = await self._shared.read(key)
         if self._acceptable(key, stored, stale):
-            return self._tier.install(key, stored)  # type: ignore[arg-type]
+            return self._install(key, stored)  # type: ignore[arg-type]
         await self._check_shared_backoff(key)
         outcome = await self._lock_or_token(key, stale)
         if isinstance(outcome, Token):
-            return self._tier.install(key, outcome)
+            return self._install(key, outcome)
         try:
             if outcome is not None:
                 # Another process may have fetched, or failed and set a back-off, while
                 # we waited for the lock.
                 stored = await self._shared.read(key)
                 if self._acceptable(key, stored, stale):
-                    return self._tier.install(key, stored)  # type: ignore[arg-type]
+                    return self._install(key, stored)  # type: ignore[arg-type]
                 await self._check_shared_backoff(key)
             try:
                 token = await self._fetch(key, scope, refreshing=stale is not None)
@@ -548,7 +569,7 @@ class TokenManager:
                 "token endpoint returned the same token %s; the next refresh waits the minimum gap",
                 fingerprint(token.access_token),
             )
-        return self._tier.install(key, token)
+        return self._install(key, token)
 
     def _acceptable(self, key: str, token: Token | None, stale: Token | None) -> bool:
         if token is None:
@@ -595,6 +616,8 @@ class TokenManager:
             await asyncio.sleep(self._tuning.lock_poll_interval * self._rng.uniform(0.5, 1.5))
 
     async def _fetch(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
+        if key in self._owners:
+            return await self._renew(key, scope)
         tuning = self._tuning
         try:
             token = await with_retries(
@@ -730,9 +753,11 @@ class TokenManager:
         for key, (until_mono, _) in list(self._cooldowns.items()):
             if mono >= until_mono:
                 del self._cooldowns[key]
+        self._forget_spent_pairs(now)
         live = {
             key
             for key in self._tier.keys()
+            | self._pairs.keys()
             | self._rejected.keys()
             | self._backoffs.keys()
             | self._cooldowns.keys()
@@ -743,13 +768,21 @@ class TokenManager:
         self._tier.forget_idle_pending(self._flights.in_flight)
 
     def _resolve(self, scope_arg: object) -> tuple[str, str | None]:
-        """(cache key, scope) for a scope argument, validated once and remembered."""
+        """(cache key, scope) for a scope argument (or a (scope, customer) pair),
+        validated once and remembered."""
         try:
             known = self._keys.get(scope_arg)  # type: ignore[call-overload]
         except TypeError:
             known = None
         if known is not None:
             return known  # type: ignore[no-any-return]
+        owner: str | None = None
+        if isinstance(scope_arg, tuple) and len(scope_arg) == 2:
+            scope_arg, owner = scope_arg
+            if not isinstance(owner, str) or not owner or len(owner) > 256:
+                raise ConfigurationError(
+                    "customer must be a customer's owner_id: a non-empty string"
+                )
         if scope_arg is None:
             scope = self._scope
         elif isinstance(scope_arg, str) and scope_arg.strip() == scope_arg and scope_arg:
@@ -759,8 +792,13 @@ class TokenManager:
                 "scope must be a non-empty string without surrounding spaces, such as "
                 f"'market:code:europe', or None; got {type(scope_arg).__name__} {scope_arg!r}"
             )
-        resolved = (self._credential.key(scope), scope)
-        self._keys[scope_arg] = resolved
+        if owner is None:
+            resolved = (self._credential.key(scope), scope)
+            self._keys[scope_arg] = resolved
+            return resolved
+        resolved = (self._credential.key(scope, owner), scope)
+        self._keys[(scope_arg, owner)] = resolved
+        self._owners.setdefault(resolved[0], Owner(owner))
         return resolved
 
     # -- event loop and resources ------------------------------------------------------

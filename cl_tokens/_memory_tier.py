@@ -22,7 +22,8 @@ from ._tuning import TokenTiming, Tuning, plan_token
 
 __all__ = ["Entry", "MemoryTier", "ScopeArg"]
 
-ScopeArg = str | None
+#: What callers pass: a scope (or None), or (scope, customer owner_id) for a customer.
+ScopeArg = str | None | tuple[str | None, str]
 
 
 @dataclass(eq=False)

@@ -82,8 +82,12 @@ async def revoke_token(
     client_secret: str | None,
     timeout: float,
     form: bool = False,
+    value: str | None = None,
 ) -> None:
     """Revoke ``token`` at its issuer's ``/oauth/revoke`` (see ``revocation_url``).
+
+    ``value`` revokes another token of the same issuer instead (a customer's refresh
+    token): ``token`` then only says where.
 
     Args:
         session: the session that sends the request.
@@ -99,11 +103,12 @@ async def revoke_token(
         TokenEndpointError: any other non-2xx answer, a timeout or a connection failure.
     """
     url = revocation_url(token, auth_url)
-    body = {"client_id": client_id, "token": token.access_token}
+    revoked = token.access_token if value is None else value
+    body = {"client_id": client_id, "token": revoked}
     if client_secret is not None:
         body["client_secret"] = client_secret
 
-    redact = redactor(client_secret, token.access_token)
+    redact = redactor(client_secret, token.access_token, revoked)
 
     answer = await post(
         session,
@@ -116,7 +121,7 @@ async def revoke_token(
         redact=redact,
     )
     if 200 <= answer.status < 300:
-        logger.info("revoked token %s", fingerprint(token.access_token))
+        logger.info("revoked token %s", fingerprint(revoked))
         return
     raise error_for(
         answer,

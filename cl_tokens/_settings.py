@@ -254,7 +254,7 @@ def _parse(name: str, raw: Any) -> Any:
         if text.lower() in _FALSE:
             return False
         raise ValueError(f"must be true or false (1/0, yes/no, on/off), not {_shown(raw)}")
-    if name == "attempts":
+    if name in ("attempts", "max_customers"):
         try:
             return int(text)
         except ValueError:

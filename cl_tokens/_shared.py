@@ -188,6 +188,12 @@ class SharedTier:
     async def set_backoff(self, key: str, retry_at: float) -> None:
         await self._call(self.backend.set_backoff(key, retry_at), "write a back-off")
 
+    async def delete(self, key: str) -> bool:
+        """Delete whatever ``key`` holds (a customer's logout)."""
+        self._cancel_rewrite(key)
+        result = await self._call(self.backend.delete(key), "delete a token")
+        return False if isinstance(result, _Unavailable) else result
+
     async def delete_if(self, key: str, access_token: str) -> bool:
         self._cancel_rewrite(key)
         result = await self._call(self.backend.delete(key, access_token), "delete a token")

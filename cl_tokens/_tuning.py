@@ -63,6 +63,10 @@ class Tuning:
             Off, every call checks the clocks (about 1 µs instead of 0.15 µs).
         strict: raise ``BackendError`` when the shared backend fails, instead of
             warning once and carrying on without it.
+        max_customers: the most customer tokens held in this process (least recently
+            renewed or logged in first out); the shared backend keeps the rest.
+        allow_plaintext_refresh_tokens: let a file or Redis backend without an
+            ``encryption_key`` store customers' refresh tokens (credentials) in clear.
     """
 
     safety_margin: float = 30.0
@@ -84,6 +88,8 @@ class Tuning:
     clock_check_interval: float = 1.0
     hot_tier: bool = True
     strict: bool = False
+    max_customers: int = 10_000
+    allow_plaintext_refresh_tokens: bool = False
 
     def __post_init__(self) -> None:
         problems = tuning_problems(self)
@@ -116,10 +122,10 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for f in fields(tuning):
         value = getattr(tuning, f.name)
-        if f.name in ("strict", "hot_tier"):
+        if f.name in ("strict", "hot_tier", "allow_plaintext_refresh_tokens"):
             if not isinstance(value, bool):
                 problems.append((f.name, "must be true or false"))
-        elif f.name == "attempts":
+        elif f.name in ("attempts", "max_customers"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append((f.name, "must be a whole number of at least 1"))
         elif f.name == "lock_wait" and value is None:

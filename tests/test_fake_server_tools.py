@@ -17,7 +17,7 @@ import pytest
 import uvloop
 
 from cl_tokens import JWKSVerifier, TokenError, TokenManager
-from cl_tokens.testing import FakeAuthServer, _fake_server
+from cl_tokens.testing import FakeAuthServer, _fake_keys
 
 
 @pytest.fixture
@@ -149,7 +149,7 @@ async def test_a_forged_fake_server_token_does_not_verify(server: FakeAuthServer
 async def test_without_cryptography_tokens_are_unsigned_and_the_key_set_empty(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_fake_server, "_KEY", [])
+    monkeypatch.setattr(_fake_keys, "_KEY", [])
     for name in [name for name in sys.modules if name.split(".")[0] == "cryptography"]:
         monkeypatch.setitem(sys.modules, name, None)  # every import of it now fails
     async with FakeAuthServer() as fake:

@@ -45,6 +45,8 @@ TUNING_TEXT: dict[str, tuple[str, Any]] = {
     "clock_check_interval": ("0.25", 0.25),
     "hot_tier": ("off", False),
     "strict": ("yes", True),
+    "max_customers": ("500", 500),
+    "allow_plaintext_refresh_tokens": ("on", True),
 }
 
 

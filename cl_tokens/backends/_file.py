@@ -352,7 +352,7 @@ class FileBackend(TokenBackend):
             if not data:
                 return None
             token = self._codec.decode(data)
-        if token is None or token.expires_at <= self._clock.time():
+        if token is None or token.keep_until <= self._clock.time():
             return None
         return token
 

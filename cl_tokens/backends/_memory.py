@@ -49,7 +49,7 @@ class MemoryBackend(TokenBackend):
 
     async def get(self, key: str) -> Token | None:
         token = self._tokens.get(key)
-        if token is not None and token.expires_at <= self._clock.time():
+        if token is not None and token.keep_until <= self._clock.time():
             del self._tokens[key]
             return None
         return token
@@ -66,7 +66,7 @@ class MemoryBackend(TokenBackend):
             return
         self._next_sweep = mono + 1.0
         now = self._clock.time()
-        for key in [k for k, t in self._tokens.items() if t.expires_at <= now]:
+        for key in [k for k, t in self._tokens.items() if t.keep_until <= now]:
             del self._tokens[key]
         for key in [k for k, until in self._backoffs.items() if until <= now]:
             del self._backoffs[key]

@@ -9,8 +9,6 @@ same shape with a random signature, and the key set is empty.
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
 import secrets
 import socket
@@ -21,13 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 from urllib.parse import parse_qsl
 
 from aiohttp import web
 
-if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+from ._fake_customers import FakeCustomers
+from ._fake_keys import jwks, listening_socket, make_jwt, signing_key
 
 __all__ = ["FakeAuthServer", "RecordedRequest"]
 
@@ -71,51 +69,6 @@ class _Fault:
     content_type: str | None = None
     seconds: float = 0.0
     malformed: MalformedKind = "not-json"
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def _b64_int(value: int) -> str:
-    return _b64(value.to_bytes((value.bit_length() + 7) // 8, "big"))
-
-
-_Signer = tuple["RSAPrivateKey", str, dict[str, str]]
-_KEY_LOCK = threading.Lock()
-_KEY: list[_Signer] = []
-
-
-def _signing_key() -> _Signer | None:
-    """(private key, kid, public JWK), generated once per process (every server signs
-    with it and serves it); None without cryptography. 2048 bits: about 0.1 s to
-    generate, 1 ms a signature."""
-    if _KEY:
-        return _KEY[0]
-    try:
-        from cryptography.hazmat.primitives.asymmetric import rsa
-    except ImportError:
-        return None
-    with _KEY_LOCK:
-        if not _KEY:
-            _KEY.append(_new_signer(rsa.generate_private_key(public_exponent=65537, key_size=2048)))
-    return _KEY[0]
-
-
-def _new_signer(key: RSAPrivateKey) -> _Signer:
-    numbers = key.public_key().public_numbers()
-    n, e = _b64_int(numbers.n), _b64_int(numbers.e)
-    # The kid: RFC 7638's thumbprint, the SHA-256 of the required members in order.
-    thumbprint = json.dumps({"e": e, "kty": "RSA", "n": n}, separators=(",", ":"))
-    kid = _b64(hashlib.sha256(thumbprint.encode()).digest())
-    return key, kid, {"kty": "RSA", "use": "sig", "alg": "RS512", "kid": kid, "n": n, "e": e}
-
-
-def _sign(key: RSAPrivateKey, signing_input: bytes) -> bytes:
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-
-    return key.sign(signing_input, padding.PKCS1v15(), hashes.SHA512())
 
 
 class FakeAuthServer:
@@ -184,6 +137,11 @@ class FakeAuthServer:
         self.api_requests = 0
         self.revoke_requests = 0
         self.issued: list[str] = []
+        #: Customers for the password, refresh_token, JWT bearer and code grants:
+        #: ``server.customers.add(username, password) -> owner_id``,
+        #: ``server.customers.issue_code(owner_id, redirect_uri)``; single-use refresh
+        #: tokens, with ``refresh_requests`` and ``refresh_reuses`` counted.
+        self.customers = FakeCustomers()
         self.revoked: set[str] = set()
         self._expiry: dict[str, float] = {}
         self._current: dict[tuple[str, str | None], str] = {}
@@ -216,10 +174,10 @@ class FakeAuthServer:
         app.router.add_route("*", "/api/{tail:.*}", self._api)
         if self.signed:
             # Made before the first request, not by it: 0.1 s off the first token's latency.
-            await asyncio.get_running_loop().run_in_executor(None, _signing_key)
+            await asyncio.get_running_loop().run_in_executor(None, signing_key)
         # The socket is bound here, so its port is known whatever the event loop's server
         # type (asyncio's or uvloop's).
-        sock = _listening_socket(self._host, self._port)
+        sock = listening_socket(self._host, self._port)
         # Held requests (delay_next) must not hold up the shutdown of a test.
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=0.5
@@ -381,6 +339,8 @@ class FakeAuthServer:
                 return self._fault_response(fault)
             else:
                 return self._malformed(fault.malformed)
+        if recorded.body.get("grant_type") not in (None, "client_credentials"):
+            return self.customers.answer(self, recorded)
         rejection = self._check(recorded)
         if rejection is not None:
             return rejection
@@ -435,7 +395,21 @@ class FakeAuthServer:
             "created_at": int(now),
         }
 
-    def _jwt(self, scope: str | None, now: float) -> str:
+    def customer_jwt(
+        self, scope: str | None, now: float, expires_in: float, owner_id: str, kind: str
+    ) -> str:
+        """An access token for a customer (or user), with the owner in its claims."""
+        token = self._jwt(scope, now, {"owner": {"id": owner_id, "type": kind}}, expires_in)
+        self._expiry[token] = now + expires_in
+        return token
+
+    def _jwt(
+        self,
+        scope: str | None,
+        now: float,
+        extra: dict[str, Any] | None = None,
+        expires_in: float | None = None,
+    ) -> str:
         header = {"alg": "RS512", "typ": "JWT", "kid": "fake-key"}
         claims: dict[str, Any] = {
             "organization": {"id": "fakeOrgId", "slug": self.organization_slug},
@@ -446,21 +420,16 @@ class FakeAuthServer:
                 "public": self.client_secret is None,
             },
             "scope": scope or "market:all",
-            "exp": int(now + self.expires_in),
+            "exp": int(now + (self.expires_in if expires_in is None else expires_in)),
             "iat": int(now),
             "iss": self.base_url if self.issuer is None else self.issuer,
             "test": True,
             "rand": secrets.token_hex(8),
         }
+        claims.update(extra or {})
         if scope and scope.startswith("market:"):
             claims["market"] = {"id": [scope.rsplit(":", 1)[-1]], "price_list_id": None}
-        signer = _signing_key() if self._sign else None
-        if signer is not None:
-            header["kid"] = signer[1]
-        signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
-        if signer is None:
-            return signing_input + "." + _b64(secrets.token_bytes(64))
-        return signing_input + "." + _b64(_sign(signer[0], signing_input.encode("ascii")))
+        return make_jwt(header, claims, self._sign)
 
     def _fault_response(self, fault: _Fault) -> web.Response:
         headers = {"Retry-After": fault.retry_after} if fault.retry_after is not None else {}
@@ -506,11 +475,11 @@ class FakeAuthServer:
         token = body.get("token")
         if isinstance(token, str):
             self.revoked.add(token)
+            self.customers.revoke(token)
         return web.json_response({})
 
     async def _jwks(self, request: web.Request) -> web.Response:
-        signer = _signing_key() if self._sign else None
-        return web.json_response({"keys": [signer[2]] if signer is not None else []})
+        return web.json_response(jwks(self._sign))
 
     async def _api(self, request: web.Request) -> web.Response:
         self.api_requests += 1
@@ -526,19 +495,3 @@ def _cl_error(status: int, code: str, title: str, detail: str) -> web.Response:
         {"errors": [{"code": code, "title": title, "detail": detail, "status": status}]},
         status=status,
     )
-
-
-def _listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host``:``port`` (0: a free port), ready for a server."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
