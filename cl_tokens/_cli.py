@@ -3,12 +3,16 @@
 Configuration comes from the ``CL_*`` environment variables (see ``Settings.from_env``),
 overridable by flags; the client secret only from the environment or stdin
 (``--client-secret-stdin``), never from a flag, which would show in ``ps`` and shell
-history.
+history. Unlike the library, whose default backend is ``memory://``, the CLI caches
+tokens in a per-user directory (``$XDG_CACHE_HOME/cl-tokens``, else
+``~/.cache/cl-tokens``, mode 0700), so the runs of a script or a cron job share one
+token: Commerce Layer allows 30 token requests a minute.
 
 Exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error, 3 credentials
 rejected, 4 token endpoint or backend unavailable, 141 (128 + SIGPIPE) stdout closed by
 its reader (``cl-tokens token | head -c0``), which is not reported. Errors are one line
-on stderr; a traceback only with ``--debug``.
+on stderr; a traceback only with ``--debug``. Warnings that change the outcome are shown
+without flags (see ``_cli_output``).
 
 To add a command, write ``async def run(args) -> int`` and add it to ``COMMANDS``.
 """
@@ -20,7 +24,6 @@ import asyncio
 import contextlib
 import getpass
 import json
-import logging
 import os
 import sys
 import time
@@ -28,8 +31,10 @@ import traceback
 from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
+from ._cli_output import StatusLine, configure_logging
 from ._errors import (
     AuthenticationError,
     BackendError,
@@ -48,6 +53,7 @@ __all__ = [
     "Command",
     "build_parser",
     "configure",
+    "default_cache_url",
     "describe_token",
     "exit_code",
     "main",
@@ -83,15 +89,46 @@ class Command:
         arguments: adds the command's own options to its parser.
         hidden: an internal command: left out of ``--help`` and of argparse's
             "invalid choice" list; run only as the first argument.
+        credentials: whether it takes the credential options (``--client-id``,
+            ``--client-secret-stdin``, ``--auth-url``); one that brings its own refuses
+            them.
+        epilog: its own help epilog, instead of the configuration variables.
     """
 
     help: str
     run: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]
     arguments: Callable[[argparse.ArgumentParser], None] = _no_arguments
     hidden: bool = False
+    credentials: bool = True
+    epilog: str | None = None
 
 
 # -- configuration ---------------------------------------------------------------------
+
+
+def default_cache_url(environ: dict[str, str] | None = None) -> str | None:
+    """The CLI's default backend: ``file://`` + ``$XDG_CACHE_HOME/cl-tokens``, else
+    ``~/.cache/cl-tokens``; None when there is no home directory to put it in.
+
+    A relative ``XDG_CACHE_HOME`` is ignored, as the XDG spec says. The file backend
+    creates the directory with mode 0700 and warns about one that others may write to.
+
+    Args:
+        environ: the variables to read (default: ``os.environ``).
+    """
+    env = os.environ if environ is None else environ
+    xdg = env.get("XDG_CACHE_HOME", "")
+    if xdg and os.path.isabs(xdg):
+        base = Path(xdg)
+    else:
+        try:
+            home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+        except (KeyError, RuntimeError):
+            return None
+        if not home.is_absolute() or home == Path("/"):
+            return None  # no real home (a service account's "/"): nothing per-user
+        base = home / ".cache"
+    return (base / "cl-tokens").as_uri()
 
 
 def _sources(args: argparse.Namespace) -> Sources:
@@ -101,6 +138,10 @@ def _sources(args: argparse.Namespace) -> Sources:
         value = getattr(args, dest, None)
         if value is not None:
             sources[name] = (value, "--" + dest.replace("_", "-"))
+    if sources.get("backend", (None, ""))[0] in (None, ""):
+        cache = default_cache_url()
+        if cache is not None:
+            sources["backend"] = (cache, "the default cache directory (or CL_TOKEN_BACKEND)")
     if sources["client_id"][0] in (None, ""):
         label = sources["client_id"][1]
         sources["client_id"] = (None, f"{label} (or --client-id)")
@@ -144,6 +185,9 @@ def configure(args: argparse.Namespace) -> tuple[Settings, TokenManager]:
     """
     sources = _sources(args)
     settings = settings_from_sources(sources)
+    status = getattr(args, "status", None)
+    if isinstance(status, StatusLine):
+        status.set_endpoint(settings.auth_url, settings.attempts)
     options = settings.manager_kwargs()["backend_options"] or {}
     if "encryption_key" in options:
         # Settings has checked the key; loading it here too keeps any problem the codec
@@ -165,11 +209,19 @@ def configure(args: argparse.Namespace) -> tuple[Settings, TokenManager]:
 # -- token, header, inspect, revoke ------------------------------------------------------
 
 
+def _output(args: argparse.Namespace, text: str) -> None:
+    """Print ``text`` on stdout, once the status line (on the same terminal) is gone."""
+    status = getattr(args, "status", None)
+    if isinstance(status, StatusLine):
+        status.stop()
+    print(text)
+
+
 async def _token(args: argparse.Namespace) -> int:
     _, manager = configure(args)
     async with manager:
         token = await manager.token()
-    print(token.access_token)
+    _output(args, token.access_token)
     return EXIT_OK
 
 
@@ -177,7 +229,7 @@ async def _header(args: argparse.Namespace) -> int:
     _, manager = configure(args)
     async with manager:
         headers = await manager.header()
-    print(f"Authorization: {headers['Authorization']}")
+    _output(args, f"Authorization: {headers['Authorization']}")
     return EXIT_OK
 
 
@@ -190,10 +242,7 @@ async def _inspect(args: argparse.Namespace) -> int:
     async with manager:
         token = await manager.token()
     info = describe_token(token, settings, time.time())
-    if args.json:
-        print(json.dumps(info, indent=2))
-    else:
-        print(_table(info))
+    _output(args, json.dumps(info, indent=2) if args.json else _table(info))
     return EXIT_OK
 
 
@@ -202,7 +251,7 @@ async def _revoke(args: argparse.Namespace) -> int:
     async with manager:
         revoked = await manager.revoke()
     # Revoking what is not cached is not an error: the goal (no usable cached token) holds.
-    print("revoked the cached token" if revoked else "no cached token to revoke")
+    _output(args, "revoked the cached token" if revoked else "no cached token to revoke")
     return EXIT_OK
 
 
@@ -292,6 +341,12 @@ async def _demo(args: argparse.Namespace) -> int:
     return await run_demo(args)
 
 
+def _demo_epilog() -> str:
+    from ._demo import DEMO_EPILOG
+
+    return DEMO_EPILOG
+
+
 async def _demo_worker(args: argparse.Namespace) -> int:
     from ._demo import run_worker
 
@@ -309,6 +364,8 @@ COMMANDS: dict[str, Command] = {
         "burst thousands of concurrent callers at a local fake server: one token request",
         _demo,
         _demo_arguments,
+        credentials=False,
+        epilog=_demo_epilog(),
     ),
     "_demo-worker": Command(
         "one process of 'demo --processes'", _demo_worker, _worker_arguments, hidden=True
@@ -326,6 +383,8 @@ configuration (environment variables; an empty one counts as unset):
   CL_SCOPE                default scope, e.g. market:code:europe
   CL_AUTH_URL             token endpoint (default https://auth.commercelayer.io/oauth/token)
   CL_TOKEN_BACKEND        memory:// | file:///var/cache/cl-tokens | redis://host:6379/0
+                          (default here: file://$XDG_CACHE_HOME/cl-tokens, else
+                          file://~/.cache/cl-tokens, so runs share one token)
   CL_TOKEN_ENCRYPTION_KEY Fernet key for tokens stored by file:// and redis://
   CL_BODY_ENCODING        json | form
   CL_SAFETY_MARGIN, CL_ATTEMPTS, CL_FETCH_DEADLINE, ... every tuning option, upper case
@@ -336,25 +395,40 @@ exit codes: 0 ok, 1 unexpected failure, 2 usage or configuration error,
 """
 
 
-def _common_options() -> argparse.ArgumentParser:
+# The options that name the credential and its endpoint: a command that brings its own
+# (the demo) leaves them out of its parser and refuses them given before its name.
+CREDENTIAL_OPTIONS = {
+    "client_id": "--client-id",
+    "client_secret_stdin": "--client-secret-stdin",
+    "auth_url": "--auth-url",
+}
+
+
+def _common_options(credentials: bool = True) -> argparse.ArgumentParser:
     # SUPPRESS: an option left out does not set an attribute, so one given before the
     # command is not overwritten by the subcommand parser's default.
     common = argparse.ArgumentParser(
         add_help=False, argument_default=argparse.SUPPRESS, allow_abbrev=False
     )
     config = common.add_argument_group("configuration (overrides the environment)")
-    config.add_argument("--client-id", metavar="ID", help="instead of $CL_CLIENT_ID")
-    config.add_argument(
-        "--client-secret-stdin",
-        action="store_true",
-        help="read the client secret from the first line of stdin (never pass it as a flag)",
-    )
+    if credentials:
+        config.add_argument("--client-id", metavar="ID", help="instead of $CL_CLIENT_ID")
+        config.add_argument(
+            "--client-secret-stdin",
+            action="store_true",
+            help="read the client secret from the first line of stdin (never pass it as a flag)",
+        )
     config.add_argument("--scope", help="instead of $CL_SCOPE, e.g. market:code:europe")
     config.add_argument("--backend", metavar="URL", help="instead of $CL_TOKEN_BACKEND")
-    config.add_argument("--auth-url", metavar="URL", help="instead of $CL_AUTH_URL")
+    if credentials:
+        config.add_argument("--auth-url", metavar="URL", help="instead of $CL_AUTH_URL")
     output = common.add_argument_group("output")
     output.add_argument(
-        "-v", "--verbose", action="store_true", help="show the library's log (warnings, fetches)"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="also show the library's info log (fetches, retries); warnings that "
+        "change the outcome are shown without it",
     )
     output.add_argument("--debug", action="store_true", help="debug log and error tracebacks")
     return common
@@ -368,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     ``_hidden_parser`` when one is the first argument.
     """
     common = _common_options()
+    own = _common_options(credentials=False)
     parser = argparse.ArgumentParser(
         prog="cl-tokens",
         description="Get, cache and inspect Commerce Layer access tokens.",
@@ -383,10 +458,10 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         sub = subparsers.add_parser(
             name,
-            parents=[common],
+            parents=[common if command.credentials else own],
             help=command.help,
             description=command.help,
-            epilog=_EPILOG,
+            epilog=command.epilog or _EPILOG,
             formatter_class=argparse.RawDescriptionHelpFormatter,
             allow_abbrev=False,
         )
@@ -430,19 +505,7 @@ def exit_code(error: BaseException) -> int:
     return EXIT_FAILURE
 
 
-def _configure_logging(verbose: bool, debug: bool) -> None:
-    # Library warnings (a backend down, a retried request) are for those who ask: a
-    # script's stderr gets one error line or nothing.
-    level = logging.DEBUG if debug else logging.INFO if verbose else logging.ERROR
-    logging.basicConfig(
-        level=level,
-        format="cl-tokens: %(levelname)s: %(name)s: %(message)s",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
-_SECRET_FLAG = "clientsecret"
+_SECRET_FLAG = "clientsecret"  # noqa: S105 - the flag name the CLI refuses, not a secret
 # "--client-se": the shortest abbreviation of --client-secret that is taken for it.
 _SECRET_ABBREVIATION = len("clientse")
 
@@ -496,6 +559,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _stdout_closed()
 
 
+def _refuse_credential_options(args: argparse.Namespace) -> None:
+    """A command with its own endpoint and credentials refuses those given before it."""
+    given = [flag for dest, flag in CREDENTIAL_OPTIONS.items() if hasattr(args, dest)]
+    if given:
+        raise ConfigurationError(
+            f"{args.command} runs its own local token endpoint with its own credentials: "
+            f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not used"
+        )
+
+
 def _main(argv: list[str]) -> int:
     if any(_is_secret_flag(arg) for arg in argv):
         # Caught before argparse, whose "unrecognized arguments" message would echo it.
@@ -507,9 +580,14 @@ def _main(argv: list[str]) -> int:
         return EXIT_USAGE
     args = _parse(argv)  # usage errors exit 2 here
     debug = bool(getattr(args, "debug", False))
-    _configure_logging(bool(getattr(args, "verbose", False)), debug)
+    status = configure_logging(bool(getattr(args, "verbose", False)), debug, sys.stderr)
     command = COMMANDS[args.command]
     try:
+        if not command.credentials:
+            _refuse_credential_options(args)
+        if command.credentials:
+            args.status = status  # configure() names the endpoint on it
+            return asyncio.run(status.run(command.run(args)))
         return asyncio.run(command.run(args))
     except KeyboardInterrupt:
         return 130

@@ -6,6 +6,13 @@ no token (every caller waits for the one request), the second finds it cached. W
 ``--processes N`` the callers are split over N worker processes (``cl-tokens
 _demo-worker``), each with its own TokenManager on one shared backend; they start the
 burst together, when every worker has said it is ready.
+
+Configuration: ``--scope``, ``--backend`` and the environment's ``CL_SCOPE``,
+``CL_TOKEN_BACKEND``, ``CL_TOKEN_ENCRYPTION_KEY``, ``CL_BODY_ENCODING`` and tuning
+variables are honoured (and checked: ``CL_ATTEMPTS=abc`` is an error). The demo brings
+its own endpoint and credentials, so ``--client-id``, ``--client-secret-stdin`` and
+``--auth-url`` are refused, and ``CL_CLIENT_ID``, ``CL_CLIENT_SECRET`` and ``CL_AUTH_URL``
+are not read.
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import math
 import sys
@@ -25,14 +33,30 @@ from typing import TextIO
 
 from ._errors import ConfigurationError
 from ._manager import TokenManager
-from ._settings import settings_from_sources
+from ._settings import Settings, Sources, env_sources, settings_from_sources
 from .backends._base import redact_url
 
-__all__ = ["add_demo_arguments", "add_worker_arguments", "run_demo", "run_worker"]
+__all__ = [
+    "DEMO_EPILOG",
+    "MAX_CALLERS",
+    "MAX_PROCESSES",
+    "add_demo_arguments",
+    "add_worker_arguments",
+    "demo_settings",
+    "run_demo",
+    "run_worker",
+]
 
 # The in-process fake server's credentials: they open nothing anywhere else.
 DEMO_CLIENT_ID = "cl-tokens-demo"
-DEMO_CLIENT_SECRET = "cl-tokens-demo-secret"
+DEMO_CLIENT_SECRET = "cl-tokens-demo-secret"  # noqa: S105 - only the demo's own server takes it
+# Bounds: 64 processes and 100,000 callers make the point in seconds; more only waits.
+MAX_PROCESSES = 64
+MAX_CALLERS = 100_000
+# Where the demo's manager settings may come from: everything but the credential and
+# its endpoint, which the demo brings (a placeholder here; the server's URL later).
+_NOT_READ = ("client_id", "client_secret", "auth_url")
+_PLACEHOLDER_URL = "http://127.0.0.1:1/oauth/token"
 _READY = b"ready"
 _WORKER_START_TIMEOUT = 60.0
 # A worker's result is one JSON line holding every latency: far above asyncio's 64 KiB.
@@ -43,14 +67,24 @@ class DemoError(RuntimeError):
     """The demo could not run (a worker process failed)."""
 
 
-def _positive_int(text: str) -> int:
+def _whole_number(text: str, most: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    if value > most:
+        raise argparse.ArgumentTypeError(f"must be at most {most:,}, not {value:,}")
     return value
+
+
+def _callers(text: str) -> int:
+    return _whole_number(text, MAX_CALLERS)
+
+
+def _processes(text: str) -> int:
+    return _whole_number(text, MAX_PROCESSES)
 
 
 def _latency(text: str) -> float:
@@ -70,14 +104,17 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
         parser: the demo subcommand's parser.
     """
     parser.add_argument(
-        "--callers", type=_positive_int, default=10_000, help="concurrent callers (10000)"
+        "--callers",
+        type=_callers,
+        default=10_000,
+        help=f"concurrent callers (10000, at most {MAX_CALLERS})",
     )
     parser.add_argument(
         "--processes",
-        type=_positive_int,
+        type=_processes,
         default=None,
-        help="split the callers over N worker processes sharing --backend "
-        "(default backend then: a temporary file:// directory)",
+        help=f"split the callers over N (at most {MAX_PROCESSES}) worker processes sharing "
+        "--backend (default backend then: a temporary file:// directory)",
     )
     parser.add_argument(
         "--latency-ms",
@@ -93,7 +130,52 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     Args:
         parser: the worker subcommand's parser.
     """
-    parser.add_argument("--callers", type=int, required=True)
+    parser.add_argument("--callers", type=_callers, required=True)
+
+
+DEMO_EPILOG = """\
+configuration: --scope and --backend, or the environment's CL_SCOPE, CL_TOKEN_BACKEND,
+  CL_TOKEN_ENCRYPTION_KEY, CL_BODY_ENCODING and tuning variables (CL_ATTEMPTS, ...).
+  The demo runs its own local token endpoint with its own credentials: it does not read
+  CL_CLIENT_ID, CL_CLIENT_SECRET or CL_AUTH_URL, and refuses --client-id,
+  --client-secret-stdin and --auth-url.
+default backend: memory://; with --processes, a temporary file:// directory.
+"""
+
+
+def demo_settings(args: argparse.Namespace, auth_url: str = _PLACEHOLDER_URL) -> Settings:
+    """The settings of the demo's managers: the environment and flags but credentials.
+
+    Args:
+        args: the parsed command line (optional ``scope``, ``backend``).
+        auth_url: the token endpoint (the demo's own server).
+
+    Raises:
+        ConfigurationError: a bad setting, named by its variable or flag.
+    """
+    sources: Sources = {
+        name: value for name, value in env_sources(None).items() if name not in _NOT_READ
+    }
+    for name in ("scope", "backend"):
+        value = getattr(args, name, None)
+        if value is not None:
+            sources[name] = (value, f"--{name}")
+    sources["client_id"] = (DEMO_CLIENT_ID, "the demo's client id")
+    sources["client_secret"] = (DEMO_CLIENT_SECRET, "the demo's client secret")
+    sources["auth_url"] = (auth_url, "the demo's endpoint")
+    return settings_from_sources(sources)
+
+
+def _backend_label(args: argparse.Namespace) -> str:
+    if getattr(args, "backend", None) is not None:
+        return "--backend"
+    return "CL_TOKEN_BACKEND"
+
+
+def _backend_given(args: argparse.Namespace) -> bool:
+    return getattr(args, "backend", None) is not None or bool(
+        env_sources(None).get("backend", (None, ""))[0]
+    )
 
 
 # -- measuring -----------------------------------------------------------------------------
@@ -230,26 +312,31 @@ async def run_demo(args: argparse.Namespace) -> int:
 
     callers: int = args.callers
     processes: int | None = args.processes
-    backend: str | None = getattr(args, "backend", None)
-    if backend is not None:
-        _check_backend(backend, shared=processes is not None)
+    settings = demo_settings(args)  # every problem before anything starts
+    shared = _backend_given(args)
+    if shared and processes is not None and settings.backend.strip().lower().startswith("memory:"):
+        raise ConfigurationError(
+            f"{_backend_label(args)} memory:// is private to each process; with --processes "
+            "use a shared backend such as file:///tmp/cl-tokens-demo or redis://localhost:6379/0"
+        )
     out = sys.stdout
     with contextlib.ExitStack() as stack:
-        if backend is None and processes is not None:
+        if not shared and processes is not None:
             # Worker processes need a backend they share; a temporary directory will do.
             directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="cl-tokens-demo-"))
-            backend = Path(directory).as_uri()
-        backend = backend or "memory://"
+            settings = dataclasses.replace(settings, backend=Path(directory).as_uri())
+        backend = settings.backend
         async with FakeAuthServer(
             client_id=DEMO_CLIENT_ID,
             client_secret=DEMO_CLIENT_SECRET,
             latency=args.latency_ms / 1000,
         ) as server:
+            settings = dataclasses.replace(settings, auth_url=server.url)
             progress = Progress(out)
             if processes is None:
-                outcome = await _in_process(server.url, backend, callers, progress)
+                outcome = await _in_process(settings, callers, progress)
             else:
-                outcome = await _in_processes(server.url, backend, callers, processes, progress)
+                outcome = await _in_processes(settings, callers, processes, progress)
             token_requests = server.token_requests
     where = "1 process" if processes is None else f"{processes} worker processes"
     out.write(
@@ -260,31 +347,22 @@ async def run_demo(args: argparse.Namespace) -> int:
         f"  token requests   {token_requests}\n"
         f"  cold burst       {latency_line(outcome.cold)}\n"
         f"  warm burst       {latency_line(outcome.warm)}\n\n"
-        "cold: no token yet, so every caller waits for the same single request;\n"
-        "warm: the same burst again, served from the cache.\n"
+        + (
+            "cold: no token yet, so every caller waits for the same single request;\n"
+            if token_requests == 1
+            else f"cold: {token_requests} token requests where one was expected: the callers "
+            f"did not share a token\n      through {redact_url(backend)} (see the warnings "
+            "on stderr);\n"
+        )
+        + "warm: the same burst again, served from the cache.\n"
     )
     out.flush()
     return 0 if len(outcome.cold) == callers else 1
 
 
-def _check_backend(backend: str, *, shared: bool) -> None:
-    settings_from_sources(
-        {"client_id": (DEMO_CLIENT_ID, "client_id"), "backend": (backend, "--backend")}
-    )
-    if shared and backend.strip().lower().startswith("memory:"):
-        raise ConfigurationError(
-            "--backend memory:// is private to each process; with --processes use a "
-            "shared backend such as file:///tmp/cl-tokens-demo or redis://localhost:6379/0"
-        )
-
-
-def _manager(auth_url: str, backend: str) -> TokenManager:
-    return TokenManager(DEMO_CLIENT_ID, DEMO_CLIENT_SECRET, auth_url=auth_url, backend=backend)
-
-
-async def _in_process(auth_url: str, backend: str, callers: int, progress: Progress) -> _Outcome:
+async def _in_process(settings: Settings, callers: int, progress: Progress) -> _Outcome:
     cold, warm = Burst(), Burst()
-    async with _manager(auth_url, backend) as manager:
+    async with TokenManager.from_settings(settings) as manager:
         with_status = progress.ticking(lambda: f"  served {len(cold.latencies):,} of {callers:,}")
         async with with_status:
             await burst(manager, callers, cold)
@@ -293,7 +371,7 @@ async def _in_process(auth_url: str, backend: str, callers: int, progress: Progr
 
 
 async def _in_processes(
-    auth_url: str, backend: str, callers: int, processes: int, progress: Progress
+    settings: Settings, callers: int, processes: int, progress: Progress
 ) -> _Outcome:
     shares = [callers // processes + (i < callers % processes) for i in range(processes)]
     workers: list[_Worker] = []
@@ -306,7 +384,7 @@ async def _in_processes(
     try:
         async with progress.ticking(status):
             for index, share in enumerate(shares):
-                workers.append(await _Worker.spawn(index, auth_url, backend, share))
+                workers.append(await _Worker.spawn(index, settings, share))
             try:
                 await asyncio.wait_for(
                     asyncio.gather(*(worker.wait_ready() for worker in workers)),
@@ -331,23 +409,31 @@ async def _in_processes(
 class _Worker:
     """One ``_demo-worker`` process, talked to in JSON lines over its stdin and stdout."""
 
+    # Lines already passed on to the demo's stderr, by any worker: a warning every worker
+    # logs (the shared backend failed) is shown once.
+    _forwarded: set[str] = set()  # noqa: RUF012 - deliberately shared by the workers
+
     def __init__(self, index: int, process: asyncio.subprocess.Process) -> None:
         self.index = index
         self.process = process
         self.ready = False
         self.served = 0
+        self._errors: list[str] = []
+        self._stderr = asyncio.get_running_loop().create_task(self._forward_stderr())
 
     @classmethod
-    async def spawn(cls, index: int, auth_url: str, backend: str, callers: int) -> _Worker:
+    async def spawn(cls, index: int, settings: Settings, callers: int) -> _Worker:
+        scope = ["--scope", settings.scope] if settings.scope else []
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
             "cl_tokens",
             "_demo-worker",
             "--auth-url",
-            auth_url,
+            settings.auth_url,
             "--backend",
-            backend,
+            settings.backend,
+            *scope,
             "--callers",
             str(callers),
             stdin=asyncio.subprocess.PIPE,
@@ -357,8 +443,25 @@ class _Worker:
         )
         return cls(index, process)
 
+    async def _forward_stderr(self) -> None:
+        """Pass the worker's warnings on to stderr (each once); keep its error line."""
+        stream = self.process.stderr
+        if stream is None:
+            return
+        async for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            if not line:
+                continue
+            if line.startswith("cl-tokens: WARNING:"):
+                if line not in _Worker._forwarded:
+                    _Worker._forwarded.add(line)
+                    print(line, file=sys.stderr, flush=True)
+            else:
+                self._errors.append(line)
+
     async def wait_ready(self) -> None:
-        assert self.process.stdout is not None
+        if self.process.stdout is None:
+            raise DemoError(f"demo worker {self.index + 1} has no stdout")
         line = await self.process.stdout.readline()
         if line.strip() != _READY:
             self.process.kill()
@@ -368,8 +471,8 @@ class _Worker:
     async def run(self) -> dict[str, list[float]]:
         """Say go; follow its progress lines; return its latencies."""
         process = self.process
-        assert process.stdin is not None
-        assert process.stdout is not None
+        if process.stdin is None or process.stdout is None:
+            raise DemoError(f"demo worker {self.index + 1} has no stdin or stdout")
         try:
             process.stdin.write(b"go\n")
             await process.stdin.drain()
@@ -393,14 +496,17 @@ class _Worker:
         return result
 
     async def _error(self) -> str:
-        assert self.process.stderr is not None
-        lines = (await self.process.stderr.read()).decode(errors="replace").strip().splitlines()
-        return lines[-1] if lines else f"exit code {await self.process.wait()}"
+        await self.process.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._stderr), 5)
+        return self._errors[-1] if self._errors else f"exit code {self.process.returncode}"
 
     async def stop(self) -> None:
         if self.process.returncode is None:
             self.process.kill()
         await self.process.wait()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._stderr, 5)
 
 
 # -- a worker process --------------------------------------------------------------------------
@@ -418,6 +524,7 @@ async def run_worker(args: argparse.Namespace) -> int:
     auth_url, backend = getattr(args, "auth_url", None), getattr(args, "backend", None)
     if not auth_url or not backend:
         raise ConfigurationError("_demo-worker needs --auth-url and --backend")
+    settings = demo_settings(args, auth_url)
     cold, warm = Burst(), Burst()
 
     async def report() -> None:
@@ -425,7 +532,7 @@ async def run_worker(args: argparse.Namespace) -> int:
             await asyncio.sleep(0.1)
             print(json.dumps({"served": len(cold.latencies)}), flush=True)
 
-    async with _manager(auth_url, backend) as manager:
+    async with TokenManager.from_settings(settings) as manager:
         print(_READY.decode(), flush=True)
         if (await asyncio.to_thread(sys.stdin.readline)).strip() != "go":
             return 1  # the demo went away before the burst

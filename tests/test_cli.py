@@ -1,129 +1,47 @@
-"""The ``cl-tokens`` command, run as a subprocess against a FakeAuthServer in the test.
-
-The server runs on the test's event loop, so the CLI runs under
-``asyncio.create_subprocess_exec``: a blocking ``subprocess.run`` would stall the server.
-"""
+"""The ``cl-tokens`` command, run as a subprocess against a FakeAuthServer in the test."""
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import getpass
 import io
 import json
-import os
 import re
-import socket
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from cli_support import (
+    SECRET,
+    Run,
+    assert_one_error_line,
+    assert_warnings_then_one_error_line,
+    cl_tokens,
+    cl_tokens_into_closed_pipe,
+    clean_env,
+    closed_port_url,
+    exists,
+    stored_tokens,
+)
 
 from cl_tokens import ConfigurationError, Token, __version__, _cli, _settings
 from cl_tokens._cli import describe_token
 from cl_tokens._settings import Settings
 from cl_tokens.testing import FakeAuthServer
 
-SECRET = "test-client-secret"  # the one tests/conftest.py gives the server
 WRONG_SECRET = "wrong-secret-VALUE-0a1b2c3d"
 
 
-@dataclass(frozen=True)
-class Run:
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-
-async def cl_tokens(
-    *args: str,
-    env: dict[str, str],
-    stdin: str | None = None,
-    timeout: float = 60,
-    close_stdin: bool = False,
-    stdout: int = asyncio.subprocess.PIPE,
-) -> Run:
-    """Run ``python -m cl_tokens *args`` without blocking the loop the server runs on.
-
-    ``close_stdin`` starts it with no stdin at all (like ``<&-`` in a shell); ``stdout``
-    may be a file descriptor to write to instead of a pipe read here.
-    """
-    started = time.monotonic()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "cl_tokens",
-        *args,
-        stdin=asyncio.subprocess.PIPE if stdin is not None else asyncio.subprocess.DEVNULL,
-        stdout=stdout,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-        preexec_fn=(lambda: os.close(0)) if close_stdin else None,
-    )
-    try:
-        out, err = await asyncio.wait_for(
-            process.communicate(stdin.encode() if stdin is not None else None), timeout
-        )
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
-    assert process.returncode is not None
-    return Run(process.returncode, (out or b"").decode(), err.decode(), time.monotonic() - started)
-
-
-async def cl_tokens_into_closed_pipe(*args: str, env: dict[str, str]) -> Run:
-    """Run ``cl-tokens *args`` with stdout a pipe whose reader is gone (``| true``)."""
-    read_end, write_end = os.pipe()
-    os.close(read_end)
-    try:
-        return await cl_tokens(*args, env=env, stdout=write_end)
-    finally:
-        os.close(write_end)
-
-
-def clean_env(**values: str) -> dict[str, str]:
-    """This process's environment without any CL_ variable, plus ``values``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CL_")}
-    env.update(values)
-    return env
-
-
 @pytest.fixture
-def env(server: FakeAuthServer) -> dict[str, str]:
-    """Configuration for the test's server, as a user would export it."""
+def env(server: FakeAuthServer, tmp_path: Path) -> dict[str, str]:
+    """Configuration for the test's server, as a user would export it, with a cache
+    directory of the test's own."""
     return clean_env(
         CL_CLIENT_ID=server.client_id,
         CL_CLIENT_SECRET=SECRET,
         CL_AUTH_URL=server.url,
+        XDG_CACHE_HOME=str(tmp_path / "xdg-cache"),
     )
-
-
-def closed_port_url() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}/oauth/token"
-
-
-def stored_tokens(directory: Path) -> list[Path]:
-    """The token files a file:// backend wrote in ``directory``."""
-    return list(directory.glob("*.json"))
-
-
-def exists(path: Path) -> bool:
-    return path.exists()
-
-
-def assert_one_error_line(run: Run) -> str:
-    lines = run.stderr.splitlines()
-    assert len(lines) == 1, run.stderr
-    assert lines[0].startswith("cl-tokens: error: ")
-    assert "Traceback" not in run.stderr
-    return lines[0]
 
 
 # -- token and header -------------------------------------------------------------------------
@@ -164,6 +82,7 @@ async def test_memory_backend_fetches_on_every_invocation(
     server: FakeAuthServer, env: dict[str, str]
 ) -> None:
     # The contrast with the file backend: memory:// dies with the process.
+    env["CL_TOKEN_BACKEND"] = "memory://"
     for _ in range(2):
         assert (await cl_tokens("token", env=env)).code == 0
     assert server.token_requests == 2
@@ -458,7 +377,10 @@ async def test_endpoint_down_exits_4_quickly(env: dict[str, str]) -> None:
     )
     run = await cl_tokens("header", env=env)
     assert run.code == 4
-    assert "token endpoint unreachable" in assert_one_error_line(run)
+    warnings, error = assert_warnings_then_one_error_line(run)
+    assert "token endpoint unreachable" in error
+    # The back-off is kept in the cache directory: the next run is told, not surprised.
+    assert ["no token request for this credential" in line for line in warnings] == [True]
     assert run.seconds < 10
     assert SECRET not in run.stdout + run.stderr
 
@@ -468,7 +390,9 @@ async def test_endpoint_failing_exits_4(server: FakeAuthServer, env: dict[str, s
     env.update(CL_ATTEMPTS="2", CL_BACKOFF_BASE="0.01", CL_BACKOFF_CAP="0.01")
     run = await cl_tokens("token", env=env)
     assert run.code == 4
-    assert "HTTP 503" in assert_one_error_line(run)
+    warnings, error = assert_warnings_then_one_error_line(run)
+    assert "HTTP 503" in error
+    assert ["token endpoint failing" in line for line in warnings] == [True]
     assert server.token_requests == 2
 
 

@@ -4,12 +4,18 @@ A backend stores tokens under opaque keys (``cl_tokens:v1:<hash>``, never a secr
 deletes one only if it still holds a given access token, and offers a cross-process
 lock with a lease. To add one (memcached, a database...): subclass ``TokenBackend``,
 set ``schemes``, implement the five abstract methods, and run the contract suite
-(``tests/backend_contract.py``) against it.
+(``cl_tokens.testing.backend_contract``) against it. A distribution makes its schemes
+known to ``backend_from_url`` (and so to ``CL_TOKEN_BACKEND``) through the entry-point
+group ``cl_tokens.backends``: ``mystore = "my_package.backend:MyStoreBackend"``. Such
+a class is imported only when a URL with its scheme is first used; a scheme that is
+already registered (the bundled ``memory``, ``file``, ``redis``...) is never looked up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import importlib.metadata
 import random
 import re
 import time
@@ -25,6 +31,7 @@ from .._errors import BackendError, ConfigurationError
 from .._token import Token
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "BackendURL",
     "LockHandle",
     "TokenBackend",
@@ -35,6 +42,8 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[TokenBackend]] = {}
+#: Where third-party distributions declare their backends' URL schemes.
+ENTRY_POINT_GROUP = "cl_tokens.backends"
 _B = TypeVar("_B", bound="TokenBackend")
 
 
@@ -274,17 +283,65 @@ class TokenBackend(ABC):
 
 
 def known_schemes() -> list[str]:
-    """Every registered URL scheme, sorted."""
-    return sorted(_REGISTRY)
+    """Every URL scheme ``backend_from_url`` takes, sorted: the registered ones and
+    those that installed distributions declare in ``cl_tokens.backends``."""
+    return sorted(set(_REGISTRY) | set(_declared_schemes()))
+
+
+@functools.lru_cache(maxsize=1)
+def _declared_schemes() -> dict[str, importlib.metadata.EntryPoint]:
+    """The entry points of ``ENTRY_POINT_GROUP`` by scheme, not loaded.
+
+    Read once per process (``Settings`` asks for the schemes every time it checks a
+    URL); ``_declared_schemes.cache_clear()`` rereads them.
+    """
+    try:
+        declared = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    except Exception:  # one broken distribution's metadata must not break the bundled ones
+        return {}
+    return {entry.name.strip().lower(): entry for entry in declared if entry.name.strip()}
+
+
+def _load_declared(scheme: str) -> type[TokenBackend] | None:
+    """The backend class a distribution declares for ``scheme``, imported now; None
+    when none does.
+
+    Raises:
+        ConfigurationError: the entry point fails to load or is not a TokenBackend.
+    """
+    entry = _declared_schemes().get(scheme)
+    if entry is None:
+        return None
+    dist = getattr(entry, "dist", None)
+    origin = f"{entry.value!r}" + (f" of the distribution {dist.name!r}" if dist else "")
+    try:
+        loaded = entry.load()
+    except Exception as exc:
+        raise ConfigurationError(
+            f"backend scheme {scheme!r}: {origin} (entry point group {ENTRY_POINT_GROUP}) "
+            f"failed to load: {type(exc).__name__}: {exc}"
+        ) from exc
+    if not (isinstance(loaded, type) and issubclass(loaded, TokenBackend)):
+        raise ConfigurationError(
+            f"backend scheme {scheme!r}: {origin} (entry point group {ENTRY_POINT_GROUP}) "
+            "is not a TokenBackend subclass"
+        )
+    # Importing it registered its own ``schemes``; the declared name is one of them
+    # even if the class does not list it.
+    _REGISTRY.setdefault(scheme, loaded)
+    return _REGISTRY[scheme]
 
 
 def backend_from_url(url: str, **options: Any) -> TokenBackend:
     """Build a backend from a URL such as ``memory://``, ``file:///var/cache/cl-tokens``
     or ``redis://localhost:6379/0``.
 
+    A scheme no bundled backend takes is looked up in the entry-point group
+    ``cl_tokens.backends`` of the installed distributions.
+
     Raises:
         ConfigurationError: the URL is not a string, or its scheme is unknown (the
-            message lists the known ones).
+            message lists the known ones), or a declared backend fails to load.
     """
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
@@ -297,7 +354,7 @@ def backend_from_url(url: str, **options: Any) -> TokenBackend:
         if isinstance(exc, ConfigurationError):
             raise
         raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
-    cls = _REGISTRY.get(parsed.scheme)
+    cls = _REGISTRY.get(parsed.scheme) or _load_declared(parsed.scheme)
     if cls is None:
         raise ConfigurationError(
             f"unknown backend scheme {parsed.scheme!r} in {redact_url(url)!r}; "
