@@ -203,15 +203,19 @@ def test_from_env_and_from_settings(auth_server: FakeAuthServer) -> None:
         assert manager.scope == "market:code:europe"
 
 
+def _sync_loop_threads() -> set[threading.Thread]:
+    return {t for t in threading.enumerate() if t.name == "cl_tokens-sync-loop"}
+
+
 def test_bad_arguments_are_configuration_errors_and_no_thread_starts() -> None:
-    before = threading.active_count()
+    before = _sync_loop_threads()
     with pytest.raises(ConfigurationError, match="client_id"):
         SyncTokenManager("")
     with pytest.raises(ConfigurationError, match="attempts"):
         SyncTokenManager("id", "secret", attempts=0)
     with pytest.raises(ConfigurationError, match="session"):
         SyncTokenManager("id", "secret", session=object())
-    assert threading.active_count() == before
+    assert _sync_loop_threads() <= before
 
 
 def test_repr_names_no_secret() -> None:
@@ -250,15 +254,21 @@ def test_close_stops_the_thread_and_every_later_call_raises(
     assert _loop_thread(manager) is None
 
 
-def test_close_of_an_unused_manager_closes_its_backend(tmp_path: Any) -> None:
+def test_close_of_an_unused_manager_closes_the_backend_it_built(tmp_path: Any) -> None:
     directory = tmp_path / "tokens"
     directory.mkdir(mode=0o700)
-    before = {t.ident for t in threading.enumerate()}
+    before = _sync_loop_threads()
     manager = SyncTokenManager("id", "secret", backend=f"file://{directory}")
+    closed: list[bool] = []
+
+    async def aclose() -> None:
+        closed.append(True)
+
+    manager.backend.aclose = aclose  # type: ignore[method-assign]
     manager.close()
     assert manager.closed
-    left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()]
-    assert not [t for t in left if t.name == "cl_tokens-sync-loop"]
+    assert closed == [True]
+    assert not {t for t in _sync_loop_threads() - before if t.is_alive()}
 
 
 def test_close_while_a_call_waits_ends_the_call_with_token_error() -> None:
