@@ -11,8 +11,10 @@ import base64
 import gc
 import json
 import os
+import re
 import select
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -639,3 +641,16 @@ def test_auth_hosts_must_be_host_names(manager: SyncTokenManager) -> None:
         manager.requests_auth(hosts="api.example.com")
     with pytest.raises(ConfigurationError, match="host"):
         manager.httpx_auth(hosts=["https://api.example.com"])
+
+
+def test_requests_auth_without_requests_names_the_install_command(
+    manager: SyncTokenManager, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "requests", None)
+    monkeypatch.delitem(sys.modules, "cl_tokens._requests_auth", raising=False)
+    with pytest.raises(ImportError, match=re.escape("pip install 'cl-tokens[requests]'")):
+        manager.requests_auth()
+    monkeypatch.setitem(sys.modules, "httpx", None)
+    monkeypatch.delitem(sys.modules, "cl_tokens._httpx_sync_auth", raising=False)
+    with pytest.raises(ImportError, match=re.escape("pip install 'cl-tokens[httpx]'")):
+        manager.httpx_auth()
