@@ -654,3 +654,31 @@ def test_requests_auth_without_requests_names_the_install_command(
     monkeypatch.delitem(sys.modules, "cl_tokens._httpx_sync_auth", raising=False)
     with pytest.raises(ImportError, match=re.escape("pip install 'cl-tokens[httpx]'")):
         manager.httpx_auth()
+
+
+def test_32_threads_refused_the_same_stale_token_cause_one_new_token_request(
+    manager: SyncTokenManager, auth_server: FakeAuthServer
+) -> None:
+    stale = manager.token()
+    auth = manager.requests_auth(hosts=["127.0.0.1"])
+    barrier = threading.Barrier(32)
+    statuses: list[int] = []
+    with TinyApi(refuse_first=True) as api:
+        api.refused.add(stale.authorization)  # the API refuses it from the start
+
+        def call() -> None:
+            barrier.wait()
+            with requests.Session() as session:
+                statuses.append(
+                    session.get(f"{api.url}/api/skus", auth=auth, timeout=30).status_code
+                )
+
+        threads = [threading.Thread(target=call) for _ in range(32)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert statuses == [200] * 32
+    assert auth_server.token_requests == 2  # the first token, and one replacement
+    fresh = manager.token()
+    assert {a for a, _ in api.seen} == {stale.authorization, fresh.authorization}
