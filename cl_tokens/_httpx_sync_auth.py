@@ -43,12 +43,19 @@ class SyncTokenAuth(httpx.Auth):
         scope: the scope of the tokens; None for the manager's default.
         hosts: extra host names that may receive the token (``*.example.com`` for a
             domain's subdomains), e.g. a proxy in front of the API.
+        customer: a customer's ``owner_id``: send their token (see ``login``), not
+            the app's; a 401 renews it with the refresh token.
     """
 
     def __init__(
-        self, manager: SyncTokenManager, *, scope: str | None = None, hosts: Iterable[str] = ()
+        self,
+        manager: SyncTokenManager,
+        *,
+        scope: str | None = None,
+        hosts: Iterable[str] = (),
+        customer: str | None = None,
     ) -> None:
-        self._auth = SyncAuthorizer(manager, scope=scope, hosts=hosts)
+        self._auth = SyncAuthorizer(manager, scope=scope, hosts=hosts, customer=customer)
 
     def __repr__(self) -> str:
         return f"SyncTokenAuth(manager={self._auth.manager!r}, scope={self._auth.scope!r})"

@@ -37,6 +37,7 @@ import threading
 import warnings
 import weakref
 from collections.abc import Callable, Coroutine, Iterable, Mapping
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -167,50 +168,90 @@ class SyncTokenManager:
 
     # -- the calls -------------------------------------------------------------------
 
-    def header(self, scope: str | None = None) -> dict[str, str]:
+    def header(self, scope: str | None = None, *, customer: str | None = None) -> dict[str, str]:
         """``{"Authorization": "Bearer <token>"}``, a new dict on every call.
 
         Args:
             scope: overrides the manager's default scope for this call.
+            customer: a customer's ``owner_id``: their token (see ``login``), not the
+                app's own.
 
         Raises:
             AuthenticationError: the credentials were rejected.
+            LoginRequiredError: (with ``customer``) nothing usable is cached for them.
             TokenEndpointError: no token could be had from the endpoint.
             ConfigurationError: ``scope`` is not a non-empty string or None.
             TokenError: the manager is closed.
         """
         try:
-            value = self._hot_header(scope)
+            value = self._hot_header(scope if customer is None else (scope, customer))
         except TypeError:  # unhashable scope: let the slow path name the problem
             value = None
         if value is not None:
             return {"Authorization": value}
-        return self._call(self._manager.header, scope)
+        return self._call(partial(self._manager.header, scope, customer=customer))
 
-    def token(self, scope: str | None = None) -> Token:
-        """The current ``Token`` for ``scope`` (the manager's default when None)."""
+    def token(self, scope: str | None = None, *, customer: str | None = None) -> Token:
+        """The current ``Token`` for ``scope`` (the manager's default when None), or
+        for ``customer``."""
         try:
-            token = self._hot_token(scope)
+            token = self._hot_token(scope if customer is None else (scope, customer))
         except TypeError:
             token = None
         if token is not None:
             return token
-        return self._call(self._manager.token, scope)
+        return self._call(partial(self._manager.token, scope, customer=customer))
 
-    def invalidate(self, access_token: str, scope: str | None = None) -> bool:
+    def invalidate(
+        self, access_token: str, scope: str | None = None, *, customer: str | None = None
+    ) -> bool:
         """Drop ``access_token`` from every tier, only if it is still the cached token.
 
         Call it when the API answers 401 ``INVALID_TOKEN`` (``requests_auth()`` and
         ``httpx_auth()`` do). Returns whether anything was dropped.
         """
-        return self._call(self._manager.invalidate, access_token, scope)
+        return self._call(partial(self._manager.invalidate, access_token, scope, customer=customer))
 
     def revoke(self, scope: str | None = None) -> bool:
         """Revoke the cached token for ``scope`` and drop it; False if none was cached."""
-        return self._call(self._manager.revoke, scope)
+        return self._call(partial(self._manager.revoke, scope))
+
+    # -- customers (see TokenManager.login and the README's "Customers") --------------
+
+    def login(self, username: str, password_: str, *, scope: str | None = None) -> Token:
+        """Log a customer in (password grant); ``header(customer=token.owner_id)``
+        then serves their token and renews it ahead of expiry."""
+        return self._call(partial(self._manager.login, username, password_, scope=scope))
+
+    def login_as(
+        self,
+        owner_id: str,
+        *,
+        owner_type: str = "Customer",
+        claims: Mapping[str, Any] | None = None,
+        scope: str | None = None,
+    ) -> Token:
+        """Act for a customer authenticated elsewhere (JWT bearer grant)."""
+        return self._call(
+            partial(
+                self._manager.login_as,
+                owner_id,
+                owner_type=owner_type,
+                claims=claims,
+                scope=scope,
+            )
+        )
+
+    def exchange_code(self, code: str, redirect_uri: str, *, scope: str | None = None) -> Token:
+        """Exchange an authorization code (webapps); the token is cached per owner."""
+        return self._call(partial(self._manager.exchange_code, code, redirect_uri, scope=scope))
+
+    def logout(self, customer: str, *, scope: str | None = None) -> bool:
+        """Revoke a customer's tokens and drop them; False when nothing was cached."""
+        return self._call(partial(self._manager.logout, customer, scope=scope))
 
     def requests_auth(
-        self, *, scope: str | None = None, hosts: Iterable[str] = ()
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
     ) -> RequestsTokenAuth:
         """A ``requests.auth.AuthBase``: ``session.auth = manager.requests_auth()``.
 
@@ -223,19 +264,22 @@ class SyncTokenManager:
             hosts: extra hosts that may receive the token (``api.example.com`` or
                 ``*.example.com``), beyond https ``*.commercelayer.io`` and the
                 auth_url's origin.
+            customer: a customer's ``owner_id``: send their token (see ``login``).
         """
         from ._requests_auth import RequestsTokenAuth
 
-        return RequestsTokenAuth(self, scope=scope, hosts=hosts)
+        return RequestsTokenAuth(self, scope=scope, hosts=hosts, customer=customer)
 
-    def httpx_auth(self, *, scope: str | None = None, hosts: Iterable[str] = ()) -> SyncTokenAuth:
+    def httpx_auth(
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
+    ) -> SyncTokenAuth:
         """An ``httpx.Auth`` for ``httpx.Client``, with ``requests_auth()``'s behaviour.
 
         Needs ``pip install 'cl-tokens[httpx]'``. Arguments as for ``requests_auth``.
         """
         from ._httpx_sync_auth import SyncTokenAuth
 
-        return SyncTokenAuth(self, scope=scope, hosts=hosts)
+        return SyncTokenAuth(self, scope=scope, hosts=hosts, customer=customer)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -279,9 +323,9 @@ class SyncTokenManager:
 
     # -- the slow path ---------------------------------------------------------------
 
-    def _call(self, method: Callable[..., Coroutine[Any, Any, _T]], *args: object) -> _T:
-        """Run ``method(*args)`` on the private loop and wait for its outcome."""
-        future = self._state.submit(method, args)
+    def _call(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+        """Run ``make()`` on the private loop and wait for its outcome."""
+        future = self._state.submit(make)
         try:
             return future.result()
         except concurrent.futures.CancelledError:
@@ -300,9 +344,7 @@ class _State:
         self.pid = os.getpid()
         self.closed = False
 
-    def submit(
-        self, method: Callable[..., Coroutine[Any, Any, _T]], args: tuple[object, ...]
-    ) -> concurrent.futures.Future[_T]:
+    def submit(self, make: Callable[[], Coroutine[Any, Any, _T]]) -> concurrent.futures.Future[_T]:
         if self.pid != os.getpid():  # forked without the after-fork hook having run
             self.after_fork_in_child()
         runner = self.runner
@@ -313,7 +355,7 @@ class _State:
                 "a SyncTokenManager was called from its own event loop thread; "
                 "code running there must use the async TokenManager"
             )
-        future = runner.submit(method, args)
+        future = runner.submit(make)
         if future is None:  # the loop stopped meanwhile: close() ran
             raise TokenError("this SyncTokenManager is closed")
         return future
@@ -377,17 +419,17 @@ class _LoopThread:
         return threading.get_ident() == self._thread.ident
 
     def submit(
-        self, method: Callable[..., Coroutine[Any, Any, _T]], args: tuple[object, ...]
+        self, make: Callable[[], Coroutine[Any, Any, _T]]
     ) -> concurrent.futures.Future[_T] | None:
-        """Schedule ``method(*args)`` on the loop; None once the loop has stopped."""
+        """Schedule ``make()`` on the loop; None once the loop has stopped."""
         with self._lock:
             if not self._accepting:
                 return None
-            return asyncio.run_coroutine_threadsafe(method(*args), self.loop)
+            return asyncio.run_coroutine_threadsafe(make(), self.loop)
 
     def shutdown(self, manager: TokenManager) -> concurrent.futures.Future[None]:
         """Close ``manager`` on the loop, then stop the loop (the thread then ends)."""
-        future = self.submit(_close_and_stop, (manager,))
+        future = self.submit(partial(_close_and_stop, manager))
         if future is None:
             done: concurrent.futures.Future[None] = concurrent.futures.Future()
             done.set_result(None)

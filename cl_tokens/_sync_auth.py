@@ -23,16 +23,23 @@ class SyncAuthorizer:
         manager: the ``SyncTokenManager`` that provides the tokens.
         scope: the scope of the tokens; None for the manager's default.
         hosts: extra host names that may receive the token (see ``TokenDestinations``).
+        customer: a customer's ``owner_id``: send their token, not the app's.
 
     Raises:
         ConfigurationError: a host is not a plain host name.
     """
 
     def __init__(
-        self, manager: SyncTokenManager, *, scope: str | None, hosts: Iterable[str]
+        self,
+        manager: SyncTokenManager,
+        *,
+        scope: str | None,
+        hosts: Iterable[str],
+        customer: str | None = None,
     ) -> None:
         self.manager = manager
         self.scope = scope
+        self.customer = customer
         self._destinations = TokenDestinations(manager.auth_url, hosts)
 
     def should_authorize(self, url: str, *, has_authorization: bool) -> bool:
@@ -50,7 +57,7 @@ class SyncAuthorizer:
         )
 
     def token(self) -> Token:
-        return self.manager.token(self.scope)
+        return self.manager.token(self.scope, customer=self.customer)
 
     def after_401(self, sent: Token, *, replayable: bool) -> Token | None:
         """The token to send the refused request again with, or None for no retry.
@@ -58,7 +65,7 @@ class SyncAuthorizer:
         Every 401 drops the token it refused, retried or not; no retry for a body that
         cannot be sent again, nor when the same token would only be refused again.
         """
-        self.manager.invalidate(sent.access_token, self.scope)
+        self.manager.invalidate(sent.access_token, self.scope, customer=self.customer)
         if not replayable:
             return None
         fresh = self.token()

@@ -29,6 +29,7 @@ import requests
 from cl_tokens import (
     AuthenticationError,
     ConfigurationError,
+    LoginRequiredError,
     Settings,
     SyncTokenManager,
     TokenError,
@@ -682,3 +683,40 @@ def test_32_threads_refused_the_same_stale_token_cause_one_new_token_request(
     assert auth_server.token_requests == 2  # the first token, and one replacement
     fresh = manager.token()
     assert {a for a, _ in api.seen} == {stale.authorization, fresh.authorization}
+
+
+# -- customers -------------------------------------------------------------------------
+
+
+def test_customer_login_warm_header_401_renewal_and_logout(
+    manager: SyncTokenManager, auth_server: FakeAuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner = auth_server.customers.add("ann@example.com", "pw-123456")
+    token = manager.login("ann@example.com", "pw-123456")
+    assert token.owner_id == owner
+    header = manager.header(customer=owner)
+    assert header == {"Authorization": token.authorization}
+    assert manager.header() != header  # the app's own token is another key
+
+    with monkeypatch.context() as patched:  # warm: served in this thread
+        patched.setattr(manager._state, "submit", _no_hop)
+        assert manager.header(customer=owner) == header
+        assert manager.token(customer=owner) is token
+
+    auth_server.expire(token.access_token)  # the API refuses it from now on
+    response = requests.get(
+        f"{auth_server.api_url}/orders", auth=manager.requests_auth(customer=owner), timeout=10
+    )
+    assert response.status_code == 200
+    assert [r.status_code for r in response.history] == [401]
+    renewed = manager.token(customer=owner)
+    assert renewed.access_token != token.access_token
+    assert auth_server.customers.refresh_requests == 1  # renewed with the refresh token
+
+    assert manager.logout(owner) is True
+    with pytest.raises(LoginRequiredError):
+        manager.header(customer=owner)
+
+
+def _no_hop(*args: object) -> Any:
+    raise AssertionError("a warm call went to the event loop")

@@ -87,7 +87,11 @@ def use_the_sync_manager() -> None:
         dropped: bool = manager.invalidate(token.access_token)
         revoked: bool = manager.revoke()
         tuning: Tuning = manager.tuning
-        del header, dropped, revoked, tuning
+        login: Token = manager.login("ann@example.com", "password", scope="market:code:europe")
+        owner = login.owner_id or ""
+        customer: dict[str, str] = manager.header(customer=owner)
+        gone: bool = manager.logout(owner)
+        del header, dropped, revoked, tuning, customer, gone
     other = SyncTokenManager.from_env(prefix="MYAPP_")
     third = SyncTokenManager.from_settings({"client_id": "id"}, attempts=2)
     for each in (other, third):
@@ -96,7 +100,7 @@ def use_the_sync_manager() -> None:
 
 def integrate_sync(manager: SyncTokenManager) -> None:
     with requests.Session() as session:
-        session.auth = manager.requests_auth(hosts=["*.example.com"])
+        session.auth = manager.requests_auth(hosts=["*.example.com"], customer="owner-id")
         session.get("https://demo.commercelayer.io/api/skus").raise_for_status()
     with httpx.Client(auth=manager.httpx_auth()) as client:
         client.get("https://demo.commercelayer.io/api/skus").raise_for_status()
