@@ -293,14 +293,17 @@ class SyncTokenManager:
         with state.lock:
             if state.closed:
                 return
+            if state.runner is not None and state.runner.is_current():
+                raise TokenError(
+                    "SyncTokenManager.close() called from its own event loop thread; "
+                    "call it from the thread that uses the manager"
+                )
             state.closed = True
             runner = state.runner
             state.runner = None
         self._finalizer.detach()
         if runner is None:  # never used: still close what the manager owns
             runner = _LoopThread()
-        elif runner.is_current():
-            raise TokenError("SyncTokenManager.close() called from its own event loop")
         try:
             runner.shutdown(self._manager).result(_CLOSE_TIMEOUT)
         except (concurrent.futures.TimeoutError, concurrent.futures.CancelledError):

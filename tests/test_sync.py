@@ -334,6 +334,18 @@ def test_a_call_from_the_managers_own_loop_is_refused_not_deadlocked(
     message = asyncio.run_coroutine_threadsafe(inside(), runner.loop).result(10)
     assert "own event loop" in message
 
+    async def close_inside() -> str:
+        try:
+            manager.close()
+        except TokenError as exc:
+            return str(exc)
+        return "no error"
+
+    message = asyncio.run_coroutine_threadsafe(close_inside(), runner.loop).result(10)
+    assert "own event loop" in message
+    assert not manager.closed  # refused, not half-done: close() from here still works
+    assert manager.header()["Authorization"].startswith("Bearer ")
+
 
 # -- fork (Celery prefork, gunicorn) ---------------------------------------------------
 
