@@ -65,6 +65,31 @@ def rows(results: dict[str, Any]) -> list[Row]:
         )
         for name, why in hot.get("skipped", {}).items():
             out.append(Row(f"Hot path, {name} backend", f"skipped: {why}", "", "", "≤ 1.5×", None))
+    sync = results.get("sync_hot_path")
+    if sync:
+        for name, p in sync["backends"].items():
+            out.append(
+                Row(
+                    f"Sync hot path `SyncTokenManager.header()`, {name} backend",
+                    _ns(p["subject_ns_median"]),
+                    f"plain-function floor {_ns(p['floor_ns_median'])}",
+                    _x(p["ratio_median"]),
+                    "≤ 2×",
+                    p["ratio_median"] <= 2.0,
+                )
+            )
+        hops = sum(sync["loop_calls_while_timing"].values())
+        hops += sync["token_requests_while_timing"]
+        out.append(
+            Row(
+                "Sync hot path: calls to the event loop thread + token requests while timing",
+                str(hops),
+                "",
+                "",
+                "= 0",
+                hops == 0,
+            )
+        )
     peers = results.get("peers")
     if peers:
         for name, p in peers["peers"].items():

@@ -32,8 +32,9 @@ from .hot import hot_path, peers, scale
 from .report import rows, write_chart, write_json, write_markdown
 from .stampede import cold_stampede, cross_process
 from .stress import stress
+from .sync import sync_hot_path
 
-BENCHMARKS = ("hot", "peers", "stampede", "xproc", "scale", "stress", "customers")
+BENCHMARKS = ("hot", "sync", "peers", "stampede", "xproc", "scale", "stress", "customers")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -50,6 +51,10 @@ async def run(cfg: Config) -> dict[str, Any]:
         if cfg.wants("hot"):
             _log("hot path: memory, file, redis backends")
             results["hot_path"] = await hot_path(cfg, server)
+        if cfg.wants("sync"):
+            _log("sync hot path: SyncTokenManager.header(), memory and file backends")
+            # In a worker thread: the token server runs on this loop.
+            results["sync_hot_path"] = await asyncio.to_thread(sync_hot_path, cfg, server)
         if cfg.wants("peers"):
             _log("peers: authlib, redis GET, aiocache")
             results["peers"] = await peers(cfg, sample)

@@ -18,6 +18,7 @@ from ._grants import create_assertion
 from ._jwks import JWKSVerifier
 from ._manager import DEFAULT_AUTH_URL, TokenManager
 from ._settings import Settings
+from ._sync import SyncTokenManager
 from ._token import Token, TokenClaims
 from ._tuning import Tuning
 from ._version import __version__
@@ -33,6 +34,7 @@ __all__ = [  # noqa: RUF022
     "JWKSVerifier",
     "LoginRequiredError",
     "Settings",
+    "SyncTokenManager",
     "SystemClock",
     "Token",
     "TokenClaims",

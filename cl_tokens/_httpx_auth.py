@@ -34,7 +34,8 @@ class TokenAuth(httpx.Auth):
     returned without a retry, but its token is still invalidated, so the caller's own
     retry gets a fresh one.
 
-    Only ``httpx.AsyncClient`` is supported: the manager is asynchronous. When no token
+    Only ``httpx.AsyncClient`` is supported: the manager is asynchronous (for
+    ``httpx.Client``, use ``SyncTokenManager.httpx_auth()``). When no token
     can be had, the manager's ``TokenError`` comes out of ``client.get(...)`` and the
     request is not sent.
 
@@ -64,7 +65,8 @@ class TokenAuth(httpx.Auth):
         """Refuse: the token manager is async-only."""
         raise ConfigurationError(
             "cl_tokens TokenAuth works with httpx.AsyncClient only (the token manager is "
-            "asynchronous); use httpx.AsyncClient(auth=manager.httpx_auth())"
+            "asynchronous); use httpx.AsyncClient(auth=manager.httpx_auth()), or, for "
+            "httpx.Client, cl_tokens.SyncTokenManager(...).httpx_auth()"
         )
 
     async def async_auth_flow(

@@ -7,11 +7,14 @@ break users' type checking breaks CI first.
 from __future__ import annotations
 
 import aiohttp
+import httpx
+import requests
 
 from cl_tokens import (
     AuthenticationError,
     ConfigurationError,
     Settings,
+    SyncTokenManager,
     Token,
     TokenClaims,
     TokenError,
@@ -75,3 +78,29 @@ async def test_with_the_fake_server() -> None:
             await m.header()
         count: int = server.token_requests
         del count
+
+
+def use_the_sync_manager() -> None:
+    with SyncTokenManager("id", "secret", scope="market:code:europe") as manager:
+        header: dict[str, str] = manager.header()
+        token: Token = manager.token("market:code:usa")
+        dropped: bool = manager.invalidate(token.access_token)
+        revoked: bool = manager.revoke()
+        tuning: Tuning = manager.tuning
+        login: Token = manager.login("ann@example.com", "password", scope="market:code:europe")
+        owner = login.owner_id or ""
+        customer: dict[str, str] = manager.header(customer=owner)
+        gone: bool = manager.logout(owner)
+        del header, dropped, revoked, tuning, customer, gone
+    other = SyncTokenManager.from_env(prefix="MYAPP_")
+    third = SyncTokenManager.from_settings({"client_id": "id"}, attempts=2)
+    for each in (other, third):
+        each.close()
+
+
+def integrate_sync(manager: SyncTokenManager) -> None:
+    with requests.Session() as session:
+        session.auth = manager.requests_auth(hosts=["*.example.com"], customer="owner-id")
+        session.get("https://demo.commercelayer.io/api/skus").raise_for_status()
+    with httpx.Client(auth=manager.httpx_auth()) as client:
+        client.get("https://demo.commercelayer.io/api/skus").raise_for_status()
