@@ -61,12 +61,17 @@ def _ping(url: str, timeout: float = 1.0) -> Exception | None:
 
 
 def delete_keys(url: str, prefix: str) -> int:
-    """Delete every key starting with ``prefix`` (and only those); returns how many."""
+    """Delete every key starting with ``prefix`` or ``{prefix`` (the backend's hash-tagged
+    form), and only those; returns how many."""
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        keys = list(client.scan_iter(match=prefix + "*", count=500))
+        keys = [
+            name
+            for pattern in (prefix + "*", "{" + prefix + "*")
+            for name in client.scan_iter(match=pattern, count=500)
+        ]
         return int(client.delete(*keys)) if keys else 0
     finally:
         client.close()

@@ -53,7 +53,7 @@ class TestBackendContract(BackendContract):
         if isinstance(backend, RedisBackend):
             client = backend.client
             chunks = []
-            async for name in client.scan_iter(match=key_prefix + "*"):
+            async for name in client.scan_iter(match="{" + key_prefix + "*"):
                 chunks.append(name + b"=" + (await client.get(name) or b""))
             return b"".join(chunks)
         return None

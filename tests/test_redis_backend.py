@@ -60,10 +60,10 @@ def key(redis_key_prefix: str) -> str:  # noqa: F811
 @pytest.mark.redis
 async def test_ttl_follows_the_token(backend: RedisBackend, key: str) -> None:
     await backend.set(key, make_token(expires_in=100))
-    ttl = await backend.client.pttl(key)
+    ttl = await backend.client.pttl("{" + key + "}")
     assert 98_000 < ttl <= 100_000
     await backend.set(key, make_token(expires_in=-5))
-    assert await backend.client.exists(key) == 0
+    assert await backend.client.exists("{" + key + "}") == 0
 
 
 @pytest.mark.redis
@@ -74,7 +74,7 @@ async def test_ttl_is_relative_to_our_clock(redis_url: str, key: str) -> None:  
     async with backend:
         token = Token("tok", "Bearer", None, expires_at=clock.time() + 60, lifetime=60)
         await backend.set(key, token)
-        assert 58_000 < await backend.client.pttl(key) <= 60_000
+        assert 58_000 < await backend.client.pttl("{" + key + "}") <= 60_000
         assert await backend.get(key) == token
 
 
@@ -89,7 +89,7 @@ async def test_lock_lease_expires(backend: RedisBackend, key: str) -> None:
     await backend.release_lock(stale)  # the stale owner must not free the new holder
     assert await backend.acquire_lock(key, lease=10) is None
     await backend.release_lock(fresh)
-    assert await backend.client.exists(key + ":lock") == 0
+    assert await backend.client.exists("{" + key + "}:lock") == 0
 
 
 @pytest.mark.redis
@@ -100,7 +100,7 @@ async def test_encryption(redis_url: str, key: str) -> None:  # noqa: F811
     async with sealed:
         await sealed.set(key, token)
         assert await sealed.get(key) == token
-        raw = await sealed.client.get(key)
+        raw = await sealed.client.get("{" + key + "}")
         assert isinstance(raw, bytes)
         assert token.access_token.encode() not in raw
         assert b"access_token" not in raw
@@ -122,7 +122,7 @@ async def test_encryption(redis_url: str, key: str) -> None:  # noqa: F811
     ids=["empty", "junk", "digest-then-junk", "utf8"],
 )
 async def test_corrupt_value_is_a_miss(backend: RedisBackend, key: str, raw: bytes) -> None:
-    await backend.client.set(key, raw)
+    await backend.client.set("{" + key + "}", raw)
     assert await backend.get(key) is None
     assert await backend.delete(key, "tok") is False
     await backend.set(key, make_token())
@@ -282,7 +282,8 @@ async def test_a_lock_attempt_cancelled_after_its_set_does_not_hold_the_lock(
     backend: RedisBackend, key: str
 ) -> None:
     client = _single(backend)
-    real_acquire = backend._acquire
+    scripts = (await backend._use()).scripts
+    real_acquire = scripts["acquire"]
     reached = asyncio.Event()
 
     async def acquire_then_stall(*args: object, **kwargs: object) -> object:
@@ -291,19 +292,19 @@ async def test_a_lock_attempt_cancelled_after_its_set_does_not_hold_the_lock(
         await asyncio.sleep(10)
         return result
 
-    backend._acquire = acquire_then_stall  # type: ignore[assignment]
+    scripts["acquire"] = acquire_then_stall
     attempt = asyncio.ensure_future(backend.acquire_lock(key, lease=60))
     await asyncio.wait_for(reached.wait(), 5)
-    assert await client.exists(key + ":lock") == 1
+    assert await client.exists("{" + key + "}:lock") == 1
     attempt.cancel()
     with pytest.raises(asyncio.CancelledError):
         await attempt
-    backend._acquire = real_acquire  # type: ignore[method-assign]
+    scripts["acquire"] = real_acquire
     for _ in range(100):  # the release runs in the background
-        if await client.exists(key + ":lock") == 0:
+        if await client.exists("{" + key + "}:lock") == 0:
             break
         await asyncio.sleep(0.01)
-    assert await client.exists(key + ":lock") == 0
+    assert await client.exists("{" + key + "}:lock") == 0
 
 
 @pytest.mark.redis
@@ -311,7 +312,8 @@ async def test_taking_the_lock_again_with_the_same_owner_succeeds(
     backend: RedisBackend, key: str
 ) -> None:
     # What redis-py does after a socket timeout: it sends the same command again.
-    lock_key = key + ":lock"
-    assert await backend._acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
-    assert await backend._acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
-    assert await backend._acquire(keys=[lock_key], args=["owner-b", 60_000]) == 0
+    lock_key = "{" + key + "}:lock"
+    acquire = (await backend._use()).scripts["acquire"]
+    assert await acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
+    assert await acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
+    assert await acquire(keys=[lock_key], args=["owner-b", 60_000]) == 0

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
@@ -23,7 +24,15 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
 
-__all__ = ["BackendURL", "LockHandle", "TokenBackend", "backend_from_url", "known_schemes"]
+__all__ = [
+    "BackendURL",
+    "LockHandle",
+    "TokenBackend",
+    "backend_from_url",
+    "known_schemes",
+    "redact_url",
+    "split_userinfo",
+]
 
 _REGISTRY: dict[str, type[TokenBackend]] = {}
 _B = TypeVar("_B", bound="TokenBackend")
@@ -48,9 +57,13 @@ class BackendURL:
         try:
             port = parts.port
         except ValueError:
-            raise ConfigurationError(
-                f"backend URL has an invalid port: {redact_url(url)}"
-            ) from None
+            if "," not in parts.netloc:
+                raise ConfigurationError(
+                    f"backend URL has an invalid port: {redact_url(url)}"
+                ) from None
+            # Several hosts (redis+cluster://h1:p1,h2:p2): urllib has no port for that;
+            # the backend parses ``raw`` itself.
+            port = None
         return cls(
             raw=url,
             scheme=parts.scheme.lower(),
@@ -63,9 +76,37 @@ class BackendURL:
         )
 
 
+_HOST_LIST = re.compile(
+    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]*)?"
+    r"(?:,(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]*)?)*(?=[/?#]|$)"
+)
+
+
+def split_userinfo(rest: str) -> tuple[str | None, str]:
+    """Split what follows ``scheme://`` into its user info (or None) and the rest.
+
+    The user info ends at the last ``@`` that is followed by a host list, so a password
+    with a raw ``/``, ``#``, ``?`` or ``@`` in it stays in the user info (and out of
+    messages), where ``urlsplit`` would cut it into the path or the fragment.
+    """
+    if rest.startswith("/"):
+        return None, rest  # no authority at all: file:///path
+    at = len(rest)
+    while (at := rest.rfind("@", 0, at)) >= 0:
+        if _HOST_LIST.match(rest, at + 1):
+            return rest[:at], rest[at + 1 :]
+    return None, rest
+
+
 def redact_url(url: str) -> str:
     """``url`` fit for messages and repr: any password and every query value (redis-py
     takes ``?password=``) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, after = split_userinfo(rest) if sep else (None, rest)
+    if userinfo is not None and ":" in userinfo:
+        # Redacted before urlsplit sees it: a raw "#" or "/" in a password would
+        # otherwise land in the fragment or the path, and be shown.
+        url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}"
     try:
         parts = urlsplit(url)
         password = parts.password

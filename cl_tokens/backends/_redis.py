@@ -1,12 +1,32 @@
-"""The Redis backend: tokens shared by every process and machine that reach one Redis.
+"""The Redis backend: tokens shared by every process and machine that reach one Redis,
+a Redis Cluster, or a Sentinel-managed primary.
 
-A value is ``<sha256 hex of the access token>|<codec bytes>`` (see ``_codec``). The
-digest in front lets a Lua script compare-and-delete atomically by access token even
-when the rest is encrypted, without a WATCH/MULTI round trip and on Redis Cluster too;
-it is not a secret, as a hash of a random bearer token cannot be turned back into one.
-Values expire with the token (``PX`` of the time left by our clock, so a skewed Redis
-clock changes nothing). The lock is ``SET <key>:lock <owner> NX PX <lease>``, released
-by a Lua compare-and-delete so only its owner can release it.
+Keys. The cache key ``K`` (opaque) maps to ``{K}`` (the token), ``{K}:lock`` and
+``{K}:backoff``: one hash tag, so on a Cluster a scope's three keys share a slot and
+one master, and a Lua script may touch them together.
+
+Values. A token is ``<sha256 hex of the access token>|<codec bytes>`` (see ``_codec``).
+The digest in front lets a Lua script compare-and-delete by access token even when the
+rest is encrypted; it is not a secret (a hash of a random bearer token cannot be turned
+back into one). Values expire with the token (``PX`` of the time left by our clock, so a
+skewed Redis clock changes nothing); a back-off is the wall-clock ``retry_at`` as text,
+expiring at ``retry_at`` the same way. The lock is ``SET {K}:lock <owner> NX PX <lease>``;
+only its owner may renew (``PEXPIRE``) or release it (Lua compare-and-delete).
+
+Event loops and fork. A redis-py client belongs to the event loop it first ran on, and
+its sockets to the process that opened them. A client built from a URL is therefore one
+per event loop: a second ``asyncio.run`` gets a fresh one, and the clients of closed
+loops are dropped. In a forked child every client of the parent is *detached*: kept
+unused and never closed, because closing it would unregister the parent's sockets from
+the epoll instance the two processes share, and a TLS close would end the parent's
+sessions. An injected client is the caller's: on a new loop (or in a child) the backend
+empties its connection pool the same way, and it refuses to serve two loops that run at
+once (build from a URL for that, or inject one client per loop).
+
+Failure model. A failover may lose the last writes to the old primary (Redis
+replication is asynchronous): a lost token costs one extra fetch, a lost release or a
+lock copied to the new primary costs at most one lease, and a lost back-off lets one
+more request through. No failover makes a process serve a token that was not issued.
 """
 
 from __future__ import annotations
@@ -14,27 +34,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
+import os
 import secrets
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypeAlias
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .._clock import Clock, SystemClock
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
+from ._redis_urls import SCHEMES, RedisTarget, build_client, parse_redis_url
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis, RedisCluster
-
-    RedisClient: TypeAlias = Redis | RedisCluster
+    from ._redis_urls import RedisClient
 
 __all__ = ["RedisBackend"]
 
 _INSTALL = "the Redis backend needs the redis package: pip install 'cl-tokens[redis]'"
 _DIGEST_LEN = 64
 _SEPARATOR = b"|"
-_LOCK_SUFFIX = ":lock"
 
 _DELETE_IF_DIGEST = """
 local value = redis.call('GET', KEYS[1])
@@ -57,6 +78,13 @@ end
 return 0
 """
 
+_RENEW_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
@@ -64,42 +92,79 @@ end
 return 0
 """
 
+_CLUSTER_HINT = (
+    "this Redis is a Cluster node: use a redis+cluster://host:port[,host:port...] URL "
+    "(or rediss+cluster://), or inject a redis.asyncio.RedisCluster"
+)
 
 # Releases started for cancelled lock attempts: held here so they are not collected
 # before they finish.
 _RELEASES: set[asyncio.Future[None]] = set()
+
+# Clients and connections a forked child inherited: kept, unused and unclosed, for the
+# life of the child (see the module docstring).
+_DETACHED: list[object] = []
 
 
 def _digest(access_token: str) -> str:
     return hashlib.sha256(access_token.encode()).hexdigest()
 
 
-def _safe_url(url: BackendURL) -> str:
-    """Scheme, user, host, port and database only: no password, no query (which may
-    hold one)."""
-    user = url.username or ""
-    if url.password:
-        user += ":***"
-    netloc = (f"{user}@" if user else "") + (url.host or "")
-    if url.port is not None:
-        netloc += f":{url.port}"
-    return f"{url.scheme}://{netloc}{url.path}"
+def _token_key(key: str) -> str:
+    return "{" + key + "}"
+
+
+def _lock_key(key: str) -> str:
+    return "{" + key + "}:lock"
+
+
+def _backoff_key(key: str) -> str:
+    return "{" + key + "}:backoff"
+
+
+class _Script(Protocol):
+    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
+
+
+@dataclass
+class _Bound:
+    """A client in use on one event loop, with its scripts."""
+
+    loop: asyncio.AbstractEventLoop
+    client: Any
+    ready: bool
+    scripts: dict[str, _Script]
+    init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    misfit: str | None = None
 
 
 class RedisBackend(TokenBackend):
-    """Tokens in Redis (or Redis Cluster), shared by every process that can reach it.
+    """Tokens in Redis, Redis Cluster or a Sentinel-managed Redis, shared by every process
+    that can reach it.
 
-    Give either a ready client or a URL. A client you pass stays yours: ``aclose`` does
-    not close it. A client built from ``url`` gets short timeouts and a single quick
-    retry, so a dead Redis fails in about ``socket_timeout`` seconds instead of stalling
-    the token path; options in the URL's query (``?socket_timeout=3``) win over these.
+    Give either a client or a URL. A client you pass stays yours: ``aclose`` does not
+    close it (see the module docstring for what happens to it on a new event loop or
+    after ``fork``). Any redis-py asyncio client works: ``Redis``, ``RedisCluster``
+    (initialized or not: the backend initializes it once, before its first concurrent
+    command), or ``Sentinel(...).master_for(service)``. A client built from ``url`` gets
+    short timeouts and a single quick retry, so a dead Redis fails in about
+    ``socket_timeout`` seconds instead of stalling the token path; options in the URL's
+    query (``?socket_timeout=3``) win over these.
 
-    URLs: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS and
-    ``redis+cluster://host:port`` for Redis Cluster. Secrets other than the Redis
-    password (``encryption_key``) are arguments, never part of the URL.
+    URLs (a password may hold any character; percent-encode ``%``)::
+
+        redis://[user:password@]host[:port][/db]            one server (rediss:// for TLS)
+        redis+cluster://[user:password@]h1:p1[,h2:p2...]    Redis Cluster, seed nodes
+        redis+sentinel://[user:password@]s1:p1[,s2:p2...]/<service>[/<db>]
+                                                            the primary that Sentinel names
+
+    with ``rediss+cluster://`` and ``rediss+sentinel://`` for TLS. A ``redis://`` URL
+    that reaches a Cluster node fails at first use with a message that says to use
+    ``redis+cluster://``. Secrets other than the Redis password (``encryption_key``) are
+    arguments, never part of the URL.
 
     Args:
-        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use as is.
+        client: a redis-py asyncio client to use as is.
         url: where to connect, when no ``client`` is given.
         encryption_key: a Fernet key, or a list of them (the first encrypts), to store
             tokens encrypted; needs ``pip install 'cl-tokens[encryption]'``.
@@ -110,10 +175,11 @@ class RedisBackend(TokenBackend):
 
     Raises:
         ConfigurationError: the redis package is missing, both or neither of ``client``
-            and ``url`` are given, or the URL is not a Redis one.
+            and ``url`` are given, or the URL is not one of the above (a Cluster URL
+            with a database other than 0, a Sentinel URL without a service...).
     """
 
-    schemes = ("redis", "rediss", "redis+cluster")
+    schemes = SCHEMES
 
     def __init__(
         self,
@@ -126,44 +192,43 @@ class RedisBackend(TokenBackend):
         **client_options: Any,
     ) -> None:
         try:
-            from redis.exceptions import RedisError
+            import redis.asyncio  # noqa: F401
         except ImportError:
             raise ConfigurationError(_INSTALL) from None
-        self._client: RedisClient
+        self._injected: Any = None
+        self._target: RedisTarget | None = None
         if client is not None and url is None:
             if client_options:
                 raise ConfigurationError(
                     f"client options ({', '.join(sorted(client_options))}) apply only to a "
                     "client built from url="
                 )
-            self._client = client
-            self._owns_client = False
+            self._injected = client
             self._where = f"client={type(client).__name__}"
         elif url is not None and client is None:
-            parsed = BackendURL.parse(url)
-            self._client = _build_client(parsed, socket_timeout, client_options)
-            self._owns_client = True
-            self._where = f"url={_safe_url(parsed)!r}"
+            self._target = parse_redis_url(url)
+            self._socket_timeout = socket_timeout
+            self._client_options = client_options
+            self._where = f"url={self._target.safe!r}"
         else:
             raise ConfigurationError("RedisBackend takes a client or a url: exactly one of them")
         self._codec = make_codec(encryption_key)
         self._clock: Clock = clock or SystemClock()
-        # asyncio.TimeoutError is OSError's TimeoutError only from Python 3.11.
-        self._errors: tuple[type[BaseException], ...] = (
-            RedisError,
-            OSError,
-            asyncio.TimeoutError,
-        )
-        self._delete_if_digest = self._client.register_script(_DELETE_IF_DIGEST)
-        self._release_if_owner = self._client.register_script(_RELEASE_IF_OWNER)
-        self._acquire = self._client.register_script(_ACQUIRE)
+        self._pid = os.getpid()
+        self._bound: dict[int, _Bound] = {}
+        self._injected_loop: asyncio.AbstractEventLoop | None = None
+        # A built client not yet tied to a loop: made now so that bad options fail here,
+        # as a ConfigurationError, and not at first use.
+        self._spare: Any = self._build() if self._target is not None else None
+        self._last: Any = self._injected or self._spare
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> RedisBackend:
-        """Build from ``redis://``, ``rediss://`` or ``redis+cluster://``.
+        """Build from any of the URLs in the class docstring.
 
         Args:
-            url: the parsed URL.
+            url: the parsed URL (``url.raw`` is parsed again here: urllib cannot read a
+                list of hosts).
             **options: keyword arguments of the constructor (``encryption_key``,
                 ``socket_timeout``, ``clock``, client options).
         """
@@ -179,18 +244,127 @@ class RedisBackend(TokenBackend):
 
     @property
     def client(self) -> RedisClient:
-        """The Redis client in use."""
-        return self._client
+        """The Redis client in use on the running event loop (or the last one used)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return self._last  # type: ignore[no-any-return]
+        with self._wrap_errors("bind to this event loop", "the backend"):
+            return self._bind(loop).client  # type: ignore[no-any-return]
+
+    # -- one client per event loop, none shared across fork -----------------------------
+
+    def _build(self) -> Any:
+        assert self._target is not None
+        return build_client(self._target, self._socket_timeout, self._client_options)
+
+    async def _use(self) -> _Bound:
+        """The client for the running loop, ready for concurrent commands."""
+        loop = asyncio.get_running_loop()
+        bound = self._bound.get(id(loop))
+        if bound is None or self._pid != os.getpid():
+            bound = self._bind(loop)
+        if not bound.ready:
+            await self._prepare(bound)
+        if bound.misfit is not None:
+            raise BackendError(bound.misfit)
+        return bound
+
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> _Bound:
+        if self._pid != os.getpid():
+            self._pid = os.getpid()
+            _DETACHED.extend(b.client for b in self._bound.values())
+            if self._spare is not None:
+                _DETACHED.append(self._spare)
+                self._spare = None
+            self._bound.clear()
+            if self._injected is not None:
+                _drop_connections(self._injected, keep=True)
+                self._injected_loop = None
+        bound = self._bound.get(id(loop))
+        if bound is not None:
+            return bound
+        # Clients of closed loops cannot be closed any more (their transports need the
+        # loop); dropped, their sockets are closed when collected.
+        for key in [k for k, b in self._bound.items() if b.loop.is_closed()]:
+            del self._bound[key]
+        if self._injected is not None:
+            client = self._injected
+            previous, self._injected_loop = self._injected_loop, loop
+            if previous is not None and previous is not loop:
+                if previous.is_running() and not previous.is_closed():
+                    self._injected_loop = previous
+                    raise BackendError(
+                        f"RedisBackend({self._where}) is in use on another running event "
+                        "loop: an injected client serves one loop at a time; build the "
+                        "backend from a URL, or give each loop its own client"
+                    )
+                # Its connections belong to the other loop: they would fail here.
+                self._bound.clear()
+                _drop_connections(client, keep=False)
+        elif self._spare is not None:
+            client, self._spare = self._spare, None
+        else:
+            client = self._build()
+        bound = _Bound(
+            loop=loop,
+            client=client,
+            ready=False,
+            scripts={
+                "delete_if_digest": client.register_script(_DELETE_IF_DIGEST),
+                "acquire": client.register_script(_ACQUIRE),
+                "renew": client.register_script(_RENEW_IF_OWNER),
+                "release": client.register_script(_RELEASE_IF_OWNER),
+            },
+        )
+        self._bound[id(loop)] = bound
+        self._last = client
+        return bound
+
+    async def _prepare(self, bound: _Bound) -> None:
+        """Once per client and loop, under single flight: initialize a Cluster client
+        (a half-initialized one fails concurrent commands), or check that a single-node
+        client has not reached a Cluster node."""
+        async with bound.init_lock:
+            if bound.ready:
+                return
+            from redis.asyncio import RedisCluster
+            from redis.exceptions import ResponseError
+
+            client = bound.client
+            with self._wrap_errors("connect to", self._where):
+                if isinstance(client, RedisCluster):
+                    await client.initialize()
+                else:
+                    try:
+                        info = await client.info("cluster")
+                    except ResponseError:
+                        info = {}  # INFO renamed or denied: MOVED replies still tell
+                    if str(info.get("cluster_enabled", 0)) == "1":
+                        bound.misfit = f"RedisBackend({self._where}): {_CLUSTER_HINT}"
+            bound.ready = True
+
+    # -- errors ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _wrap_errors(self, action: str, key: str) -> Iterator[None]:
-        """Turn Redis, socket and timeout errors into BackendError (cause kept)."""
+        """Every failure of the client becomes BackendError (cause kept): Redis errors,
+        sockets, timeouts, and the RuntimeError or AttributeError of a client caught on
+        the wrong loop or half initialized."""
         try:
             yield
-        except self._errors as exc:
-            raise BackendError(
-                f"Redis could not {action} {key}: {type(exc).__name__}: {exc}"
-            ) from exc
+        except BackendError:
+            raise
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            password = self._target.password if self._target is not None else None
+            if password:
+                text = text.replace(password, "***")
+            if text.startswith(("MovedError", "AskError")) or " MOVED " in f" {exc} ":
+                text += f" ({_CLUSTER_HINT})"
+            raise BackendError(f"Redis could not {action} {key}: {text}") from exc
+
+    # -- tokens -------------------------------------------------------------------------------
 
     def _decode(self, raw: bytes | str) -> Token | None:
         # A client made with decode_responses=True hands back str; the value is ASCII.
@@ -201,7 +375,8 @@ class RedisBackend(TokenBackend):
 
     async def get(self, key: str) -> Token | None:
         with self._wrap_errors("read", key):
-            raw = await self._client.get(key)
+            bound = await self._use()
+            raw = await bound.client.get(_token_key(key))
         if raw is None:
             return None
         token = self._decode(raw)
@@ -211,29 +386,64 @@ class RedisBackend(TokenBackend):
 
     async def set(self, key: str, token: Token) -> None:
         value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
-        ttl_ms = int((token.expires_at - self._clock.time()) * 1000)
+        ttl_ms = _ms_until(token.expires_at, self._clock.time())
         with self._wrap_errors("write", key):
+            bound = await self._use()
             if ttl_ms <= 0:
                 # Storing an expired token means holding none (as a later get would say).
-                await self._client.delete(key)
+                await bound.client.delete(_token_key(key))
             else:
-                await self._client.set(key, value, px=ttl_ms)
+                await bound.client.set(_token_key(key), value, px=ttl_ms)
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
         with self._wrap_errors("delete", key):
+            bound = await self._use()
             if access_token is None:
-                deleted = await self._client.delete(key)
+                deleted = await bound.client.delete(_token_key(key))
             else:
-                deleted = await self._delete_if_digest(keys=[key], args=[_digest(access_token)])
+                deleted = await bound.scripts["delete_if_digest"](
+                    keys=[_token_key(key)], args=[_digest(access_token)]
+                )
         return bool(deleted)
+
+    # -- back-off -------------------------------------------------------------------------
+
+    async def get_backoff(self, key: str) -> float | None:
+        with self._wrap_errors("read the back-off of", key):
+            bound = await self._use()
+            raw = await bound.client.get(_backoff_key(key))
+        if raw is None:
+            return None
+        try:
+            retry_at = float(raw)
+        except (TypeError, ValueError, OverflowError):
+            return None  # junk is no back-off
+        if not math.isfinite(retry_at) or retry_at <= self._clock.time():
+            return None
+        return retry_at
+
+    async def set_backoff(self, key: str, retry_at: float) -> None:
+        if not math.isfinite(retry_at):
+            raise BackendError(f"a back-off must end at a finite time, not {retry_at!r}")
+        ttl_ms = _ms_until(retry_at, self._clock.time())
+        with self._wrap_errors("write the back-off of", key):
+            bound = await self._use()
+            if ttl_ms <= 0:
+                await bound.client.delete(_backoff_key(key))
+            else:
+                await bound.client.set(_backoff_key(key), repr(float(retry_at)), px=ttl_ms)
+
+    # -- locks ----------------------------------------------------------------------------
 
     async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
         owner = secrets.token_hex(16)
-        lease_ms = max(1, int(lease * 1000))
         handle = LockHandle(key, owner)
         try:
             with self._wrap_errors("lock", key):
-                taken = await self._acquire(keys=[key + _LOCK_SUFFIX], args=[owner, lease_ms])
+                bound = await self._use()
+                taken = await bound.scripts["acquire"](
+                    keys=[_lock_key(key)], args=[owner, _lease_ms(lease)]
+                )
         except asyncio.CancelledError:
             # The SET may have reached Redis before the cancellation: release by owner
             # (a no-op if it did not), or the lock would block others for its lease.
@@ -243,6 +453,15 @@ class RedisBackend(TokenBackend):
             raise
         return handle if taken else None
 
+    async def renew_lock(self, handle: LockHandle, *, lease: float) -> bool:
+        """Extend the lock to ``lease`` seconds from now, only if ``handle`` still owns it."""
+        with self._wrap_errors("renew the lock on", handle.key):
+            bound = await self._use()
+            renewed = await bound.scripts["renew"](
+                keys=[_lock_key(handle.key)], args=[handle.owner, _lease_ms(lease)]
+            )
+        return bool(renewed)
+
     async def _release_quietly(self, handle: LockHandle) -> None:
         try:
             await self.release_lock(handle)
@@ -251,32 +470,80 @@ class RedisBackend(TokenBackend):
 
     async def release_lock(self, handle: LockHandle) -> None:
         with self._wrap_errors("unlock", handle.key):
-            await self._release_if_owner(keys=[handle.key + _LOCK_SUFFIX], args=[handle.owner])
+            bound = await self._use()
+            await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            with self._wrap_errors("close the connection for", "the backend"):
-                await self._client.aclose()
+        """Close the clients this backend built (never an injected one). A client of
+        another loop that still runs is closed on that loop; one of a closed loop is
+        dropped; in a forked child the parent's are left alone."""
+        bound, self._bound = list(self._bound.values()), {}
+        spare, self._spare = self._spare, None
+        if self._injected is not None:
+            return
+        if self._pid != os.getpid():
+            _DETACHED.extend(b.client for b in bound)
+            return
+        loop = asyncio.get_running_loop()
+        with self._wrap_errors("close the connection for", "the backend"):
+            for each in bound:
+                if each.loop is loop:
+                    await _close(each.client)
+                elif each.loop.is_running():
+                    asyncio.run_coroutine_threadsafe(_close(each.client), each.loop)
+            if spare is not None:
+                await _close(spare)
+        # Built again on next use: a closed backend may still be used, as before.
+        self._spare = None
+        self._last = None
 
 
-def _build_client(url: BackendURL, socket_timeout: float, options: dict[str, Any]) -> RedisClient:
-    from redis.asyncio import Redis, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff
+def _ms_until(when: float, now: float) -> int:
+    return math.ceil((when - now) * 1000) if when - now < 1e12 else 10**15
 
-    if url.scheme not in RedisBackend.schemes:
-        raise ConfigurationError(
-            f"RedisBackend takes redis://, rediss:// or redis+cluster:// URLs, not {_safe_url(url)}"
-        )
-    settings: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
-        # One quick retry heals a pooled connection that a Redis restart broke; the
-        # default (10 retries) would hold the token path for seconds on a dead server.
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
-        **options,
-    }
-    if url.scheme == "redis+cluster":
-        # Connects lazily, on the first command, like the single-node client.
-        return RedisCluster.from_url("redis://" + url.raw.split("://", 1)[1], **settings)
-    return Redis.from_url(url.raw, **settings)
+
+def _lease_ms(lease: float) -> int:
+    if not math.isfinite(lease) or lease <= 0:
+        raise BackendError(f"a lock lease must be a positive number of seconds, not {lease!r}")
+    return max(1, int(lease * 1000))
+
+
+async def _close(client: Any) -> None:
+    """Close a built client, and for a Sentinel one its connections to the Sentinels."""
+    await client.aclose()
+    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
+    for sentinel in getattr(manager, "sentinels", ()):
+        await sentinel.aclose()
+
+
+def _drop_connections(client: Any, *, keep: bool) -> None:
+    """Empty an injected client's connection pools without closing a connection.
+
+    ``keep`` (in a forked child) keeps the dropped connections referenced for the life
+    of the process, so that collecting them never touches the parent's sockets. The
+    pool attributes are redis-py's; a client without them is left as it is.
+    """
+    pools: list[Any] = []
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pools.append(pool)
+        manager = getattr(pool, "sentinel_manager", None)
+        pools += [s.connection_pool for s in getattr(manager, "sentinels", ())]
+    for pool in pools:
+        if keep:
+            _DETACHED.append(list(getattr(pool, "_available_connections", ())))
+            _DETACHED.append(list(getattr(pool, "_in_use_connections", ())))
+        pool.reset()
+    get_nodes = getattr(client, "get_nodes", None)
+    if get_nodes is not None:  # RedisCluster: each node keeps its own connections
+        for node in get_nodes():
+            connections = getattr(node, "_connections", None)
+            free = getattr(node, "_free", None)
+            if connections is None or free is None:
+                continue
+            if keep:
+                _DETACHED.append(list(connections))
+            connections.clear()
+            free.clear()
