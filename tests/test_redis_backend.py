@@ -22,7 +22,7 @@ from redis_support import (  # noqa: F401 - fixtures
 )
 
 from cl_tokens import BackendError, ConfigurationError, Token
-from cl_tokens.backends import RedisBackend, backend_from_url, known_schemes
+from cl_tokens.backends import LockHandle, RedisBackend, backend_from_url, known_schemes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -317,3 +317,210 @@ async def test_taking_the_lock_again_with_the_same_owner_succeeds(
     assert await acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
     assert await acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
     assert await acquire(keys=[lock_key], args=["owner-b", 60_000]) == 0
+
+
+# -- keys, back-offs, renewal ------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_a_scopes_token_lock_and_backoff_share_one_cluster_slot(
+    backend: RedisBackend, key: str
+) -> None:
+    from redis.crc import key_slot
+
+    await backend.set(key, make_token())
+    handle = await backend.acquire_lock(key, lease=10)
+    assert handle is not None
+    await backend.set_backoff(key, time.time() + 30)
+    client = _single(backend)
+    names = sorted([n async for n in client.scan_iter(match="{" + key + "}*")])
+    assert names == [b"{" + key.encode() + b"}" + suffix for suffix in (b"", b":backoff", b":lock")]
+    assert len({key_slot(name) for name in names}) == 1
+    await backend.release_lock(handle)
+
+
+@pytest.mark.redis
+async def test_backoff_expires_in_redis_at_retry_at(backend: RedisBackend, key: str) -> None:
+    await backend.set_backoff(key, time.time() + 20)
+    assert 19_000 < await backend.client.pttl("{" + key + "}:backoff") <= 20_000
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "raw", [b"", b"soon", b"nan", b"inf", b"1e400", b"9" * 400, "é".encode()], ids=repr
+)
+async def test_a_junk_backoff_is_none(backend: RedisBackend, key: str, raw: bytes) -> None:
+    await backend.client.set("{" + key + "}:backoff", raw)
+    assert await backend.get_backoff(key) is None
+
+
+@pytest.mark.redis
+async def test_renew_sets_the_new_lease(backend: RedisBackend, key: str) -> None:
+    handle = await backend.acquire_lock(key, lease=1)
+    assert handle is not None
+    assert await backend.renew_lock(handle, lease=30) is True
+    assert 29_000 < await backend.client.pttl("{" + key + "}:lock") <= 30_000
+    await backend.release_lock(handle)
+
+
+class BrokenClient:
+    """A client whose every command fails as a half-initialized or wrong-loop one does."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def register_script(self, script: str) -> object:
+        async def run(keys: list[str], args: list[object]) -> object:
+            raise self.error
+
+        return run
+
+    async def info(self, section: str) -> dict[str, object]:
+        return {}
+
+    def __getattr__(self, name: str) -> object:
+        async def command(*args: object, **kwargs: object) -> object:
+            raise self.error
+
+        return command
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Event loop is closed"),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        KeyError("slots"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_every_client_exception_becomes_backend_error(error: Exception) -> None:
+    backend = RedisBackend(BrokenClient(error))  # type: ignore[arg-type]
+    handle = LockHandle("k", "owner")
+    calls = [
+        backend.get("k"),
+        backend.set("k", make_token()),
+        backend.delete("k"),
+        backend.delete("k", "tok"),
+        backend.acquire_lock("k", lease=1),
+        backend.renew_lock(handle, lease=1),
+        backend.release_lock(handle),
+        backend.get_backoff("k"),
+        backend.set_backoff("k", time.time() + 5),
+    ]
+    for call in calls:
+        with pytest.raises(BackendError) as caught:
+            await call
+        assert caught.value.__cause__ is error
+
+
+# -- URLs --------------------------------------------------------------------------------
+
+NASTY_PASSWORD = "p/a#s?s@w%25rd:x"  # percent-encoded "%" only; the rest raw
+
+
+def test_cluster_urls_take_several_seeds_and_tls() -> None:
+    from redis.asyncio import RedisCluster
+
+    backend = backend_from_url(
+        f"rediss+cluster://alice:{NASTY_PASSWORD}@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002"
+        "?socket_timeout=4"
+    )
+    assert isinstance(backend, RedisBackend)
+    client = backend.client
+    assert isinstance(client, RedisCluster)
+    seeds = {(n.host, n.port) for n in client.nodes_manager.startup_nodes.values()}
+    assert seeds == {("10.0.0.1", 7000), ("10.0.0.2", 7001), ("::1", 7002)}
+    kwargs = client.nodes_manager.connection_kwargs
+    assert kwargs["password"] == "p/a#s?s@w%rd:x"
+    assert kwargs["username"] == "alice"
+    assert kwargs["socket_timeout"] == 4.0
+    assert kwargs["connection_class"].__name__ == "SSLConnection"
+    text = repr(backend)
+    assert text == (
+        "RedisBackend(url='rediss+cluster://alice:***@10.0.0.1:7000,10.0.0.2:7001,[::1]:7002/0',"
+        " encrypted=False)"
+    )
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis+cluster://127.0.0.1:7000/15",
+        "redis+cluster://127.0.0.1:7000?db=2",
+        f"rediss+cluster://:{NASTY_PASSWORD}@h1:7000,h2:7000/3",
+    ],
+)
+def test_a_cluster_database_other_than_0_is_a_configuration_error(url: str) -> None:
+    with pytest.raises(ConfigurationError, match="database 0") as caught:
+        backend_from_url(url)
+    for fragment in ("p/a", "s?s", "w%rd", "rd:x"):
+        assert fragment not in str(caught.value)
+
+
+def test_sentinel_urls_name_the_service_and_database() -> None:
+    backend = backend_from_url(
+        f"redis+sentinel://:{NASTY_PASSWORD}@127.0.0.1:26379,127.0.0.2/my%20primary/4"
+        "?sentinel_password=sentinel-pw&socket_timeout=2"
+    )
+    assert isinstance(backend, RedisBackend)
+    pool = _single(backend).connection_pool
+    assert type(pool).__name__ == "SentinelConnectionPool"
+    assert pool.service_name == "my primary"  # type: ignore[attr-defined]
+    assert pool.connection_kwargs["db"] == 4
+    assert pool.connection_kwargs["password"] == "p/a#s?s@w%rd:x"
+    manager = pool.sentinel_manager  # type: ignore[attr-defined]
+    assert [
+        (s.connection_pool.connection_kwargs["host"], s.connection_pool.connection_kwargs["port"])
+        for s in manager.sentinels
+    ] == [("127.0.0.1", 26379), ("127.0.0.2", 26379)]
+    assert manager.sentinels[0].connection_pool.connection_kwargs["password"] == "sentinel-pw"
+    assert repr(backend) == (
+        "RedisBackend(url='redis+sentinel://:***@127.0.0.1:26379,127.0.0.2:26379/my primary/4',"
+        " encrypted=False)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("redis+sentinel://127.0.0.1:26379", "service name"),
+        ("redis+sentinel://127.0.0.1:26379/", "service name"),
+        ("redis+sentinel://h:26379/svc/x", "must be a number"),
+        ("redis+sentinel://h:26379/svc/1/2", "too many"),
+        ("redis://h1:6379,h2:6379/0", r"redis\+cluster://"),
+        ("redis+cluster://h1:99999", "port"),
+        ("redis+cluster://h1:7000,,h2", "host"),
+        ("redis://127.0.0.1/0?socket_timeout=soon", "socket_timeout"),
+        ("redis://127.0.0.1/0?no_such_option=1", "no_such_option"),
+    ],
+)
+def test_bad_urls_are_configuration_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigurationError, match=message):
+        backend_from_url(url)
+
+
+def test_a_password_with_raw_url_characters_stays_out_of_messages() -> None:
+    for scheme in ("redis", "rediss"):
+        backend = backend_from_url(f"{scheme}://user:{NASTY_PASSWORD}@127.0.0.1:6390/2")
+        assert isinstance(backend, RedisBackend)
+        kwargs = _single(backend).connection_pool.connection_kwargs
+        assert (kwargs["password"], kwargs["db"], kwargs["port"]) == ("p/a#s?s@w%rd:x", 2, 6390)
+        assert (
+            repr(backend)
+            == f"RedisBackend(url='{scheme}://user:***@127.0.0.1:6390/2', encrypted=False)"
+        )
+    from cl_tokens.backends._base import redact_url
+
+    shown = redact_url(f"redis+cluster://u:{NASTY_PASSWORD}@h1:1,h2:2/0?password=x")
+    assert shown == "redis+cluster://u:***@h1:1,h2:2/0?password=***"
+
+
+async def test_a_dead_cluster_seed_is_a_backend_error() -> None:
+    backend = backend_from_url("redis+cluster://127.0.0.1:1,127.0.0.1:2", socket_timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(BackendError) as caught:
+        await backend.get("k")
+    assert time.monotonic() - started < 10
+    assert caught.value.__cause__ is not None
+    await backend.aclose()

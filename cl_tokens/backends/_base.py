@@ -53,7 +53,11 @@ class BackendURL:
 
     @classmethod
     def parse(cls, url: str) -> BackendURL:
-        parts = urlsplit(url)
+        scheme, sep, rest = url.partition("://")
+        # The user info first: a password may hold a raw "/", "#", "?" or "@", which
+        # urlsplit would cut into the path, the query or the fragment.
+        userinfo, after = split_userinfo(rest) if sep else (None, rest)
+        parts = urlsplit(f"{scheme}://{after}" if sep else url)
         try:
             port = parts.port
         except ValueError:
@@ -64,14 +68,19 @@ class BackendURL:
             # Several hosts (redis+cluster://h1:p1,h2:p2): urllib has no port for that;
             # the backend parses ``raw`` itself.
             port = None
+        username = password = None
+        if userinfo is not None:
+            user, colon, secret = userinfo.partition(":")
+            username = unquote(user) or None
+            password = (unquote(secret) or None) if colon else None
         return cls(
             raw=url,
             scheme=parts.scheme.lower(),
             host=parts.hostname,
             port=port,
             path=unquote(parts.path),
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
+            username=username,
+            password=password,
             query=dict(parse_qsl(parts.query)),
         )
 
