@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
 from backend_contract import BackendContract
 from redis_support import delete_keys, redis_url  # noqa: F401 - redis_url is a fixture
+from redis_topologies import redis_cluster, redis_sentinel  # noqa: F401 - fixtures
 
 from cl_tokens.backends import FileBackend, MemoryBackend, RedisBackend, TokenBackend
 
@@ -17,6 +19,10 @@ ALL_BACKENDS = [
     pytest.param("file+encrypted", id="file-encrypted"),
     pytest.param("redis", marks=pytest.mark.redis, id="redis"),
     pytest.param("redis+encrypted", marks=pytest.mark.redis, id="redis-encrypted"),
+    pytest.param("cluster", marks=pytest.mark.redis, id="redis-cluster"),
+    pytest.param("cluster+encrypted", marks=pytest.mark.redis, id="redis-cluster-encrypted"),
+    pytest.param("sentinel", marks=pytest.mark.redis, id="redis-sentinel"),
+    pytest.param("sentinel+encrypted", marks=pytest.mark.redis, id="redis-sentinel-encrypted"),
 ]
 
 
@@ -32,19 +38,25 @@ class TestBackendContract(BackendContract):
 
             key = Fernet.generate_key()
         backend: TokenBackend
+        cleanup: Callable[[str], object] | None = None
         if kind == "memory":
             backend = MemoryBackend()
         elif kind.startswith("file"):
             backend = FileBackend(tmp_path / "tokens", encryption_key=key)
-        else:
+        elif kind.startswith("redis"):
             url: str = request.getfixturevalue("redis_url")
             backend = RedisBackend(url=url, encryption_key=key)
+            cleanup = partial(delete_keys, url)
+        else:
+            topology = request.getfixturevalue("redis_" + kind.split("+")[0])
+            backend = RedisBackend(url=topology.url, encryption_key=key)
+            cleanup = topology.delete_keys
         try:
             yield backend
         finally:
             await backend.aclose()
-            if isinstance(backend, RedisBackend):
-                delete_keys(url, key_prefix)
+            if cleanup is not None:
+                cleanup(key_prefix)
 
     async def stored_bytes(self, backend: TokenBackend, key_prefix: str) -> bytes | None:
         if isinstance(backend, FileBackend):
