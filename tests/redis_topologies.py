@@ -164,6 +164,19 @@ class RedisCluster:
                 found.append(int(fields[1].split("@")[0].rsplit(":", 1)[1]))
         return sorted(found)
 
+    def replica_of(self, port: int) -> int:
+        """The port of the replica of the master on ``port``."""
+        client = _sync_client(port)
+        master_id = client.execute_command("CLUSTER", "MYID")  # type: ignore[attr-defined]
+        master_id = master_id.decode() if isinstance(master_id, bytes) else master_id
+        nodes = client.execute_command("CLUSTER", "NODES")  # type: ignore[attr-defined]
+        text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+        for line in text.splitlines():
+            fields = line.split()
+            if "slave" in fields[2] and fields[3] == master_id:
+                return int(fields[1].split("@")[0].rsplit(":", 1)[1])
+        raise LookupError(f"no replica of the master on port {port}")
+
     def running(self, port: int) -> bool:
         proc = self._procs.procs.get(port)
         return proc is not None and proc.poll() is None
@@ -271,8 +284,23 @@ class RedisSentinelGroup:
         _wait("the Sentinel group to be healthy", ok, timeout)
 
     def failover(self) -> None:
-        """``SENTINEL failover``: the replica becomes the primary (a planned failover)."""
-        _sync_client(self.sentinels[0]).execute_command("SENTINEL", "failover", SERVICE)  # type: ignore[attr-defined]
+        """``SENTINEL failover``: the replica becomes the primary (a planned failover).
+
+        Retried while the Sentinel answers NOGOODSLAVE: it judges a replica only on
+        fresh INFO replies, which may take a moment after start.
+        """
+        from redis.exceptions import ResponseError
+
+        sentinel = _sync_client(self.sentinels[0])
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                sentinel.execute_command("SENTINEL", "failover", SERVICE)  # type: ignore[attr-defined]
+                return
+            except ResponseError as exc:
+                if "NOGOODSLAVE" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
 
     def delete_keys(self, prefix: str) -> int:
         client = _sync_client(self.primary_port())
