@@ -232,12 +232,22 @@ class RedisSentinelGroup:
     def start(self) -> None:
         self._procs.spawn(self.primary, self.server)
         self._procs.spawn(self.replica, self.server, "--replicaof", "127.0.0.1", str(self.primary))
+        # Each Sentinel is told of the replica and of its peers, as it would write in
+        # its own config file: discovery by INFO and hello messages takes up to 10 s.
+        ids = {port: f"{port:040x}" for port in self.sentinels}
         for port in self.sentinels:
             conf = self._procs.dir / f"sentinel-{port}.conf"
+            peers = "".join(
+                f"sentinel known-sentinel {SERVICE} 127.0.0.1 {peer} {ids[peer]}\n"
+                for peer in self.sentinels
+                if peer != port
+            )
             conf.write_text(
+                f"sentinel myid {ids[port]}\n"
                 f"sentinel monitor {SERVICE} 127.0.0.1 {self.primary} 2\n"
-                f"sentinel down-after-milliseconds {SERVICE} 1000\n"
+                f"sentinel down-after-milliseconds {SERVICE} 5000\n"
                 f"sentinel failover-timeout {SERVICE} 5000\n"
+                f"sentinel known-replica {SERVICE} 127.0.0.1 {self.replica}\n" + peers
             )
             self._procs.spawn(port, self.server, str(conf), "--sentinel")
         for port in (self.primary, self.replica, *self.sentinels):

@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 from backend_contract import BackendContract
 from redis_support import delete_keys, redis_url  # noqa: F401 - redis_url is a fixture
-from redis_topologies import redis_cluster, redis_sentinel  # noqa: F401 - fixtures
 
 from cl_tokens.backends import FileBackend, MemoryBackend, RedisBackend, TokenBackend
 

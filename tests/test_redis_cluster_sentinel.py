@@ -16,13 +16,7 @@ from backend_contract import make_token
 from redis.asyncio import Redis
 from redis.asyncio import RedisCluster as ClusterClient
 from redis.asyncio.sentinel import Sentinel
-from redis_topologies import (  # noqa: F401 - fixtures
-    SERVICE,
-    RedisCluster,
-    RedisSentinelGroup,
-    redis_cluster,
-    redis_sentinel,
-)
+from redis_topologies import SERVICE, RedisCluster, RedisSentinelGroup
 
 from cl_tokens import BackendError
 from cl_tokens.backends import RedisBackend, backend_from_url
@@ -31,7 +25,7 @@ pytestmark = pytest.mark.redis
 
 
 @pytest.fixture
-def prefix(redis_cluster: RedisCluster) -> str:  # noqa: F811
+def prefix(redis_cluster: RedisCluster) -> str:
     return f"cl_tokens:test:{uuid.uuid4().hex}:"
 
 
@@ -56,7 +50,7 @@ async def _stampede(backend: RedisBackend, prefix: str, scopes: int, callers: in
 
 
 async def test_an_uninitialized_injected_cluster_client_serves_a_stampede(
-    redis_cluster: RedisCluster,  # noqa: F811
+    redis_cluster: RedisCluster,
     prefix: str,
 ) -> None:
     # A fresh RedisCluster used by many coroutines at once raised AttributeError
@@ -72,7 +66,7 @@ async def test_an_uninitialized_injected_cluster_client_serves_a_stampede(
 
 
 async def test_a_cluster_url_with_two_seeds_serves_a_stampede(
-    redis_cluster: RedisCluster,  # noqa: F811
+    redis_cluster: RedisCluster,
     prefix: str,
 ) -> None:
     async with RedisBackend(url=redis_cluster.url) as backend:
@@ -86,7 +80,7 @@ async def test_a_cluster_url_with_two_seeds_serves_a_stampede(
 
 
 async def test_a_dead_first_seed_is_skipped(
-    redis_cluster: RedisCluster,  # noqa: F811
+    redis_cluster: RedisCluster,
     prefix: str,
 ) -> None:
     url = f"redis+cluster://127.0.0.1:1,127.0.0.1:{redis_cluster.ports[2]}"
@@ -97,7 +91,7 @@ async def test_a_dead_first_seed_is_skipped(
 
 
 async def test_a_plain_redis_url_to_a_cluster_node_names_redis_cluster(
-    redis_cluster: RedisCluster,  # noqa: F811
+    redis_cluster: RedisCluster,
     prefix: str,
 ) -> None:
     url = f"redis://127.0.0.1:{redis_cluster.ports[0]}/0"
@@ -109,7 +103,7 @@ async def test_a_plain_redis_url_to_a_cluster_node_names_redis_cluster(
 
 
 async def test_a_moved_reply_names_redis_cluster(
-    redis_cluster: RedisCluster,  # noqa: F811
+    redis_cluster: RedisCluster,
     prefix: str,
 ) -> None:
     # Where INFO is denied (some managed services), the MOVED reply still tells.
@@ -137,7 +131,7 @@ async def test_a_moved_reply_names_redis_cluster(
 
 
 async def test_an_injected_sentinel_client_follows_the_service(
-    redis_sentinel: RedisSentinelGroup,  # noqa: F811
+    redis_sentinel: RedisSentinelGroup,
 ) -> None:
     sentinel = Sentinel([("127.0.0.1", p) for p in redis_sentinel.sentinels], socket_timeout=1)
     client = sentinel.master_for(SERVICE, socket_timeout=1)
@@ -157,7 +151,7 @@ async def test_an_injected_sentinel_client_follows_the_service(
 
 
 async def test_a_sentinel_url_for_an_unknown_service_is_a_backend_error(
-    redis_sentinel: RedisSentinelGroup,  # noqa: F811
+    redis_sentinel: RedisSentinelGroup,
 ) -> None:
     hosts = ",".join(f"127.0.0.1:{p}" for p in redis_sentinel.sentinels)
     async with backend_from_url(f"redis+sentinel://{hosts}/no-such-service") as backend:
