@@ -160,3 +160,21 @@ async def test_a_forked_child_uses_the_backend_and_leaves_the_parents_connection
         await backend.aclose()
         if client is not None:
             await client.aclose()
+
+
+@pytest.mark.parametrize("topology", ["redis_cluster", "redis_sentinel"])
+async def test_a_forked_child_rebuilds_cluster_and_sentinel_clients(
+    request: pytest.FixtureRequest, topology: str
+) -> None:
+    group = request.getfixturevalue(topology)
+    prefix = f"cl_tokens:test:fork-{os.getpid()}-{topology}:"
+    backend = RedisBackend(url=group.url)
+    try:
+        token = make_token()
+        await backend.set(prefix + "k", token)
+        assert _fork_and_use(backend, prefix + "k") == 0
+        assert await backend.get(prefix + "k") == token
+        assert await backend.get(prefix + "k:child") is not None
+    finally:
+        await backend.aclose()
+        group.delete_keys(prefix)

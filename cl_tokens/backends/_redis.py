@@ -97,8 +97,9 @@ _CLUSTER_HINT = (
     "(or rediss+cluster://), or inject a redis.asyncio.RedisCluster"
 )
 
-# Releases started for cancelled lock attempts: held here so they are not collected
-# before they finish.
+# Background releases (of cancelled lock attempts, and retries of failed releases): held
+# here so they are not collected before they finish. The retries stop after about 4 s.
+_RELEASE_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.0, 1.5)
 _RELEASES: set[asyncio.Future[None]] = set()
 
 # Clients and connections a forked child inherited: kept, unused and unclosed, for the
@@ -220,7 +221,7 @@ class RedisBackend(TokenBackend):
         # A built client not yet tied to a loop: made now so that bad options fail here,
         # as a ConfigurationError, and not at first use.
         self._spare: Any = self._build() if self._target is not None else None
-        self._last: Any = self._injected or self._spare
+        self._last: Any = self._injected if self._injected is not None else self._spare
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> RedisBackend:
@@ -273,7 +274,7 @@ class RedisBackend(TokenBackend):
     def _bind(self, loop: asyncio.AbstractEventLoop) -> _Bound:
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            _DETACHED.extend(b.client for b in self._bound.values())
+            _DETACHED.extend(b.client for b in list(self._bound.values()))
             if self._spare is not None:
                 _DETACHED.append(self._spare)
                 self._spare = None
@@ -286,8 +287,9 @@ class RedisBackend(TokenBackend):
             return bound
         # Clients of closed loops cannot be closed any more (their transports need the
         # loop); dropped, their sockets are closed when collected.
-        for key in [k for k, b in self._bound.items() if b.loop.is_closed()]:
-            del self._bound[key]
+        for key, each in list(self._bound.items()):  # a copy: another thread may bind
+            if each.loop.is_closed():
+                self._bound.pop(key, None)
         if self._injected is not None:
             client = self._injected
             previous, self._injected_loop = self._injected_loop, loop
@@ -464,14 +466,36 @@ class RedisBackend(TokenBackend):
 
     async def _release_quietly(self, handle: LockHandle) -> None:
         try:
-            await self.release_lock(handle)
+            await self._release(handle)
         except Exception:
             pass
 
     async def release_lock(self, handle: LockHandle) -> None:
+        """Release the lock if ``handle`` still owns it. A release that fails (Redis
+        unreachable, a failover under way) raises BackendError and is retried in the
+        background for a few seconds: a lock left behind would hold every waiter for
+        the rest of its lease. Releasing by owner is idempotent, so a retry is safe."""
+        try:
+            await self._release(handle)
+        except BackendError:
+            retry = asyncio.ensure_future(self._retry_release(handle))
+            _RELEASES.add(retry)
+            retry.add_done_callback(_RELEASES.discard)
+            raise
+
+    async def _release(self, handle: LockHandle) -> None:
         with self._wrap_errors("unlock", handle.key):
             bound = await self._use()
             await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
+
+    async def _retry_release(self, handle: LockHandle) -> None:
+        for delay in _RELEASE_RETRY_DELAYS:
+            await asyncio.sleep(delay)
+            try:
+                await self._release(handle)
+            except BackendError:
+                continue
+            return
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -495,9 +519,7 @@ class RedisBackend(TokenBackend):
                     asyncio.run_coroutine_threadsafe(_close(each.client), each.loop)
             if spare is not None:
                 await _close(spare)
-        # Built again on next use: a closed backend may still be used, as before.
-        self._spare = None
-        self._last = None
+        # A closed backend may still be used, as before: it builds a new client.
 
 
 def _ms_until(when: float, now: float) -> int:
