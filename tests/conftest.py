@@ -41,7 +41,7 @@ async def make_manager(server: FakeAuthServer) -> AsyncIterator[Callable[..., To
 # Session fixtures are defined once, here: imported into two test modules they would be
 # two fixtures, and start two clusters.
 from redis_support import redis_key_prefix, redis_server, redis_url  # noqa: E402
-from redis_topologies import redis_cluster, redis_sentinel  # noqa: E402
+from redis_topologies import redis_cluster, redis_sentinel, valkey_url  # noqa: E402
 
 __all__ = [
     "make_manager",
@@ -51,4 +51,5 @@ __all__ = [
     "redis_server",
     "redis_url",
     "server",
+    "valkey_url",
 ]

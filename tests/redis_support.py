@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -38,7 +39,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 REDIS_SERVER_BINARY = "/usr/bin/redis-server"
 
 
-def redis_unavailable(reason: str) -> None:
+def redis_unavailable(reason: str) -> NoReturn:
     """Fail under ``CL_TOKENS_REQUIRE_REDIS=1`` (CI must not skip silently), else skip."""
     if os.environ.get("CL_TOKENS_REQUIRE_REDIS") == "1":
         pytest.fail(f"{reason} (CL_TOKENS_REQUIRE_REDIS=1)")

