@@ -13,20 +13,15 @@ skewed Redis clock changes nothing); a back-off is the wall-clock ``retry_at`` a
 expiring at ``retry_at`` the same way. The lock is ``SET {K}:lock <owner> NX PX <lease>``;
 only its owner may renew (``PEXPIRE``) or release it (Lua compare-and-delete).
 
-Event loops and fork. A redis-py client belongs to the event loop it first ran on, and
-its sockets to the process that opened them. A client built from a URL is therefore one
-per event loop: a second ``asyncio.run`` gets a fresh one, and the clients of closed
-loops are dropped. In a forked child every client of the parent is *detached*: kept
-unused and never closed, because closing it would unregister the parent's sockets from
-the epoll instance the two processes share, and a TLS close would end the parent's
-sessions. An injected client is the caller's: on a new loop (or in a child) the backend
-empties its connection pool the same way, and it refuses to serve two loops that run at
-once (build from a URL for that, or inject one client per loop).
+Event loops and fork: see ``_redis_loops`` (one built client per loop; in a forked
+child the parent's connections are detached, never closed).
 
 Failure model. A failover may lose the last writes to the old primary (Redis
 replication is asynchronous): a lost token costs one extra fetch, a lost release or a
 lock copied to the new primary costs at most one lease, and a lost back-off lets one
-more request through. No failover makes a process serve a token that was not issued.
+more request through. A lost delete may bring back, for the rest of its life, a token
+deleted moments before (after a 401, or a revoke); the manager's 401 path deletes it
+again. No failover makes a process serve a token that was not issued.
 """
 
 from __future__ import annotations
@@ -35,17 +30,17 @@ import asyncio
 import contextlib
 import hashlib
 import math
-import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock, SystemClock
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
+from ._redis_loops import CLUSTER_HINT, LoopClients
 from ._redis_urls import SCHEMES, RedisTarget, build_client, parse_redis_url
 
 if TYPE_CHECKING:
@@ -92,19 +87,17 @@ end
 return 0
 """
 
-_CLUSTER_HINT = (
-    "this Redis is a Cluster node: use a redis+cluster://host:port[,host:port...] URL "
-    "(or rediss+cluster://), or inject a redis.asyncio.RedisCluster"
-)
+_SCRIPTS = {
+    "delete_if_digest": _DELETE_IF_DIGEST,
+    "acquire": _ACQUIRE,
+    "renew": _RENEW_IF_OWNER,
+    "release": _RELEASE_IF_OWNER,
+}
 
 # Background releases (of cancelled lock attempts, and retries of failed releases): held
 # here so they are not collected before they finish. The retries stop after about 4 s.
 _RELEASE_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.0, 1.5)
 _RELEASES: set[asyncio.Future[None]] = set()
-
-# Clients and connections a forked child inherited: kept, unused and unclosed, for the
-# life of the child (see the module docstring).
-_DETACHED: list[object] = []
 
 
 def _digest(access_token: str) -> str:
@@ -121,22 +114,6 @@ def _lock_key(key: str) -> str:
 
 def _backoff_key(key: str) -> str:
     return "{" + key + "}:backoff"
-
-
-class _Script(Protocol):
-    async def __call__(self, keys: list[str], args: list[Any]) -> Any: ...
-
-
-@dataclass
-class _Bound:
-    """A client in use on one event loop, with its scripts."""
-
-    loop: asyncio.AbstractEventLoop
-    client: Any
-    ready: bool
-    scripts: dict[str, _Script]
-    init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    misfit: str | None = None
 
 
 class RedisBackend(TokenBackend):
@@ -208,20 +185,18 @@ class RedisBackend(TokenBackend):
             self._where = f"client={type(client).__name__}"
         elif url is not None and client is None:
             self._target = parse_redis_url(url)
-            self._socket_timeout = socket_timeout
-            self._client_options = client_options
             self._where = f"url={self._target.safe!r}"
         else:
             raise ConfigurationError("RedisBackend takes a client or a url: exactly one of them")
         self._codec = make_codec(encryption_key)
         self._clock: Clock = clock or SystemClock()
-        self._pid = os.getpid()
-        self._bound: dict[int, _Bound] = {}
-        self._injected_loop: asyncio.AbstractEventLoop | None = None
-        # A built client not yet tied to a loop: made now so that bad options fail here,
-        # as a ConfigurationError, and not at first use.
-        self._spare: Any = self._build() if self._target is not None else None
-        self._last: Any = self._injected if self._injected is not None else self._spare
+        build = None
+        if self._target is not None:
+            build = partial(build_client, self._target, socket_timeout, client_options)
+        # Bad options fail here, as a ConfigurationError, not at first use.
+        self._clients = LoopClients(
+            injected=self._injected, build=build, where=self._where, scripts=_SCRIPTS
+        )
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> RedisBackend:
@@ -246,105 +221,8 @@ class RedisBackend(TokenBackend):
     @property
     def client(self) -> RedisClient:
         """The Redis client in use on the running event loop (or the last one used)."""
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return self._last  # type: ignore[no-any-return]
         with self._wrap_errors("bind to this event loop", "the backend"):
-            return self._bind(loop).client  # type: ignore[no-any-return]
-
-    # -- one client per event loop, none shared across fork -----------------------------
-
-    def _build(self) -> Any:
-        assert self._target is not None
-        return build_client(self._target, self._socket_timeout, self._client_options)
-
-    async def _use(self) -> _Bound:
-        """The client for the running loop, ready for concurrent commands."""
-        loop = asyncio.get_running_loop()
-        bound = self._bound.get(id(loop))
-        if bound is None or self._pid != os.getpid():
-            bound = self._bind(loop)
-        if not bound.ready:
-            await self._prepare(bound)
-        if bound.misfit is not None:
-            raise BackendError(bound.misfit)
-        return bound
-
-    def _bind(self, loop: asyncio.AbstractEventLoop) -> _Bound:
-        if self._pid != os.getpid():
-            self._pid = os.getpid()
-            _DETACHED.extend(b.client for b in list(self._bound.values()))
-            if self._spare is not None:
-                _DETACHED.append(self._spare)
-                self._spare = None
-            self._bound.clear()
-            if self._injected is not None:
-                _drop_connections(self._injected, keep=True)
-                self._injected_loop = None
-        bound = self._bound.get(id(loop))
-        if bound is not None:
-            return bound
-        # Clients of closed loops cannot be closed any more (their transports need the
-        # loop); dropped, their sockets are closed when collected.
-        for key, each in list(self._bound.items()):  # a copy: another thread may bind
-            if each.loop.is_closed():
-                self._bound.pop(key, None)
-        if self._injected is not None:
-            client = self._injected
-            previous, self._injected_loop = self._injected_loop, loop
-            if previous is not None and previous is not loop:
-                if previous.is_running() and not previous.is_closed():
-                    self._injected_loop = previous
-                    raise BackendError(
-                        f"RedisBackend({self._where}) is in use on another running event "
-                        "loop: an injected client serves one loop at a time; build the "
-                        "backend from a URL, or give each loop its own client"
-                    )
-                # Its connections belong to the other loop: they would fail here.
-                self._bound.clear()
-                _drop_connections(client, keep=False)
-        elif self._spare is not None:
-            client, self._spare = self._spare, None
-        else:
-            client = self._build()
-        bound = _Bound(
-            loop=loop,
-            client=client,
-            ready=False,
-            scripts={
-                "delete_if_digest": client.register_script(_DELETE_IF_DIGEST),
-                "acquire": client.register_script(_ACQUIRE),
-                "renew": client.register_script(_RENEW_IF_OWNER),
-                "release": client.register_script(_RELEASE_IF_OWNER),
-            },
-        )
-        self._bound[id(loop)] = bound
-        self._last = client
-        return bound
-
-    async def _prepare(self, bound: _Bound) -> None:
-        """Once per client and loop, under single flight: initialize a Cluster client
-        (a half-initialized one fails concurrent commands), or check that a single-node
-        client has not reached a Cluster node."""
-        async with bound.init_lock:
-            if bound.ready:
-                return
-            from redis.asyncio import RedisCluster
-            from redis.exceptions import ResponseError
-
-            client = bound.client
-            with self._wrap_errors("connect to", self._where):
-                if isinstance(client, RedisCluster):
-                    await client.initialize()
-                else:
-                    try:
-                        info = await client.info("cluster")
-                    except ResponseError:
-                        info = {}  # INFO renamed or denied: MOVED replies still tell
-                    if str(info.get("cluster_enabled", 0)) == "1":
-                        bound.misfit = f"RedisBackend({self._where}): {_CLUSTER_HINT}"
-            bound.ready = True
+            return self._clients.current()  # type: ignore[no-any-return]
 
     # -- errors ---------------------------------------------------------------------------
 
@@ -363,7 +241,7 @@ class RedisBackend(TokenBackend):
             if password:
                 text = text.replace(password, "***")
             if text.startswith(("MovedError", "AskError")) or " MOVED " in f" {exc} ":
-                text += f" ({_CLUSTER_HINT})"
+                text += f" ({CLUSTER_HINT})"
             raise BackendError(f"Redis could not {action} {key}: {text}") from exc
 
     # -- tokens -------------------------------------------------------------------------------
@@ -377,7 +255,7 @@ class RedisBackend(TokenBackend):
 
     async def get(self, key: str) -> Token | None:
         with self._wrap_errors("read", key):
-            bound = await self._use()
+            bound = await self._clients.use()
             raw = await bound.client.get(_token_key(key))
         if raw is None:
             return None
@@ -390,7 +268,7 @@ class RedisBackend(TokenBackend):
         value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
         ttl_ms = _ms_until(token.expires_at, self._clock.time())
         with self._wrap_errors("write", key):
-            bound = await self._use()
+            bound = await self._clients.use()
             if ttl_ms <= 0:
                 # Storing an expired token means holding none (as a later get would say).
                 await bound.client.delete(_token_key(key))
@@ -399,7 +277,7 @@ class RedisBackend(TokenBackend):
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
         with self._wrap_errors("delete", key):
-            bound = await self._use()
+            bound = await self._clients.use()
             if access_token is None:
                 deleted = await bound.client.delete(_token_key(key))
             else:
@@ -412,7 +290,7 @@ class RedisBackend(TokenBackend):
 
     async def get_backoff(self, key: str) -> float | None:
         with self._wrap_errors("read the back-off of", key):
-            bound = await self._use()
+            bound = await self._clients.use()
             raw = await bound.client.get(_backoff_key(key))
         if raw is None:
             return None
@@ -429,7 +307,7 @@ class RedisBackend(TokenBackend):
             raise BackendError(f"a back-off must end at a finite time, not {retry_at!r}")
         ttl_ms = _ms_until(retry_at, self._clock.time())
         with self._wrap_errors("write the back-off of", key):
-            bound = await self._use()
+            bound = await self._clients.use()
             if ttl_ms <= 0:
                 await bound.client.delete(_backoff_key(key))
             else:
@@ -442,7 +320,7 @@ class RedisBackend(TokenBackend):
         handle = LockHandle(key, owner)
         try:
             with self._wrap_errors("lock", key):
-                bound = await self._use()
+                bound = await self._clients.use()
                 taken = await bound.scripts["acquire"](
                     keys=[_lock_key(key)], args=[owner, _lease_ms(lease)]
                 )
@@ -458,7 +336,7 @@ class RedisBackend(TokenBackend):
     async def renew_lock(self, handle: LockHandle, *, lease: float) -> bool:
         """Extend the lock to ``lease`` seconds from now, only if ``handle`` still owns it."""
         with self._wrap_errors("renew the lock on", handle.key):
-            bound = await self._use()
+            bound = await self._clients.use()
             renewed = await bound.scripts["renew"](
                 keys=[_lock_key(handle.key)], args=[handle.owner, _lease_ms(lease)]
             )
@@ -485,7 +363,7 @@ class RedisBackend(TokenBackend):
 
     async def _release(self, handle: LockHandle) -> None:
         with self._wrap_errors("unlock", handle.key):
-            bound = await self._use()
+            bound = await self._clients.use()
             await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
 
     async def _retry_release(self, handle: LockHandle) -> None:
@@ -500,26 +378,10 @@ class RedisBackend(TokenBackend):
     # -- lifecycle ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        """Close the clients this backend built (never an injected one). A client of
-        another loop that still runs is closed on that loop; one of a closed loop is
-        dropped; in a forked child the parent's are left alone."""
-        bound, self._bound = list(self._bound.values()), {}
-        spare, self._spare = self._spare, None
-        if self._injected is not None:
-            return
-        if self._pid != os.getpid():
-            _DETACHED.extend(b.client for b in bound)
-            return
-        loop = asyncio.get_running_loop()
+        """Close the clients this backend built (never an injected one); the backend
+        may still be used afterwards, and builds a new one."""
         with self._wrap_errors("close the connection for", "the backend"):
-            for each in bound:
-                if each.loop is loop:
-                    await _close(each.client)
-                elif each.loop.is_running():
-                    asyncio.run_coroutine_threadsafe(_close(each.client), each.loop)
-            if spare is not None:
-                await _close(spare)
-        # A closed backend may still be used, as before: it builds a new client.
+            await self._clients.aclose()
 
 
 def _ms_until(when: float, now: float) -> int:
@@ -530,42 +392,3 @@ def _lease_ms(lease: float) -> int:
     if not math.isfinite(lease) or lease <= 0:
         raise BackendError(f"a lock lease must be a positive number of seconds, not {lease!r}")
     return max(1, int(lease * 1000))
-
-
-async def _close(client: Any) -> None:
-    """Close a built client, and for a Sentinel one its connections to the Sentinels."""
-    await client.aclose()
-    manager = getattr(getattr(client, "connection_pool", None), "sentinel_manager", None)
-    for sentinel in getattr(manager, "sentinels", ()):
-        await sentinel.aclose()
-
-
-def _drop_connections(client: Any, *, keep: bool) -> None:
-    """Empty an injected client's connection pools without closing a connection.
-
-    ``keep`` (in a forked child) keeps the dropped connections referenced for the life
-    of the process, so that collecting them never touches the parent's sockets. The
-    pool attributes are redis-py's; a client without them is left as it is.
-    """
-    pools: list[Any] = []
-    pool = getattr(client, "connection_pool", None)
-    if pool is not None:
-        pools.append(pool)
-        manager = getattr(pool, "sentinel_manager", None)
-        pools += [s.connection_pool for s in getattr(manager, "sentinels", ())]
-    for pool in pools:
-        if keep:
-            _DETACHED.append(list(getattr(pool, "_available_connections", ())))
-            _DETACHED.append(list(getattr(pool, "_in_use_connections", ())))
-        pool.reset()
-    get_nodes = getattr(client, "get_nodes", None)
-    if get_nodes is not None:  # RedisCluster: each node keeps its own connections
-        for node in get_nodes():
-            connections = getattr(node, "_connections", None)
-            free = getattr(node, "_free", None)
-            if connections is None or free is None:
-                continue
-            if keep:
-                _DETACHED.append(list(connections))
-            connections.clear()
-            free.clear()
