@@ -189,8 +189,17 @@ class RedisCluster:
         proc = self._procs.procs.get(port)
         return proc is not None and proc.poll() is None
 
+    def replicas(self) -> int:
+        """How many replicas the cluster knows, connected to their master."""
+        live = [p for p in self.ports if self.running(p)]
+        nodes = _sync_client(live[0]).execute_command("CLUSTER", "NODES")  # type: ignore[attr-defined]
+        text = nodes.decode() if isinstance(nodes, bytes) else str(nodes)
+        rows = [line.split() for line in text.splitlines()]
+        return sum(1 for f in rows if "slave" in f[2] and f[7] == "connected")
+
     def wait_healthy(self, timeout: float = 30.0) -> None:
-        """Every live node says cluster_state:ok, with 3 masters serving all slots."""
+        """Every node says cluster_state:ok and knows the 6 nodes; 3 masters serve all
+        slots, each with its replica."""
 
         def ok() -> bool:
             live = [p for p in self.ports if self.running(p)]
@@ -198,9 +207,11 @@ class RedisCluster:
                 all(
                     self.node_info(p).get("cluster_state") == "ok"
                     and self.node_info(p).get("cluster_slots_ok") == "16384"
+                    and self.node_info(p).get("cluster_known_nodes") == "6"
                     for p in live
                 )
                 and len(self.masters()) == 3
+                and self.replicas() == 3
             )
 
         _wait("the cluster to be healthy", ok, timeout)

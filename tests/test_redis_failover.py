@@ -21,7 +21,7 @@ from cl_tokens.backends import RedisBackend
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-LEASE = 3.0
+LEASE = 5.0
 KEY = "cl_tokens:v2:" + "f0" * 20
 
 
