@@ -54,6 +54,7 @@ class Bound:
     loop: asyncio.AbstractEventLoop
     client: Any
     scripts: dict[str, Script]
+    cluster: bool = False
     ready: bool = False
     misfit: str | None = None
     init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -103,7 +104,12 @@ class LoopClients:
         bound = self._bound.get(id(loop))
         if bound is None or self._pid != os.getpid():
             bound = self.bind(loop)
-        if not bound.ready:
+        # A RedisCluster that lost a node re-initializes on its next command: commands
+        # started meanwhile would share a half-initialized client, so they wait on the
+        # same single flight (redis-py's own flag; False when it has none). Commands
+        # already in flight may still fail (AttributeError, wrapped as BackendError
+        # like the ConnectionErrors around them) while the failover lasts.
+        if not bound.ready or (bound.cluster and getattr(bound.client, "_initialize", False)):
             await self._prepare(bound)
         if bound.misfit is not None:
             raise BackendError(bound.misfit)
@@ -128,7 +134,10 @@ class LoopClients:
             assert self._build is not None
             client = self._build()
         scripts = {name: client.register_script(lua) for name, lua in self._scripts.items()}
-        bound = Bound(loop=loop, client=client, scripts=scripts)
+        from redis.asyncio import RedisCluster
+
+        cluster = isinstance(client, RedisCluster)
+        bound = Bound(loop=loop, client=client, scripts=scripts, cluster=cluster)
         self._bound[id(loop)] = bound
         self._last = client
         return bound
@@ -161,15 +170,14 @@ class LoopClients:
 
     async def _prepare(self, bound: Bound) -> None:
         async with bound.init_lock:
-            if bound.ready:
-                return
-            from redis.asyncio import RedisCluster
-            from redis.exceptions import ResponseError
-
             client = bound.client
-            if isinstance(client, RedisCluster):
-                await client.initialize()
+            if bound.cluster:
+                await client.initialize()  # returns at once if it already is
+            elif bound.ready:
+                return
             else:
+                from redis.exceptions import ResponseError
+
                 try:
                     info = await client.info("cluster")
                 except ResponseError:
