@@ -56,7 +56,7 @@ class BackendURL:
         scheme, sep, rest = url.partition("://")
         # The user info first: a password may hold a raw "/", "#", "?" or "@", which
         # urlsplit would cut into the path, the query or the fragment.
-        userinfo, after = split_userinfo(rest) if sep else (None, rest)
+        userinfo, after = split_userinfo(rest, conservative=False) if sep else (None, rest)
         parts = urlsplit(f"{scheme}://{after}" if sep else url)
         try:
             port = parts.port
@@ -85,25 +85,33 @@ class BackendURL:
         )
 
 
-_HOST_LIST = re.compile(
-    r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]*)?"
-    r"(?:,(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]*)?)*(?=[/?#]|$)"
-)
+_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)"
+_HOST_LIST = re.compile(rf"{_HOST}(?::[0-9]*)?(?:,{_HOST}(?::[0-9]*)?)*(?=[/?#]|$)")
+# Stricter: a port, when there is a colon, so "user:" or "user:pw" is never a host.
+_STRICT_HOST_LIST = re.compile(rf"{_HOST}(?::[0-9]+)?(?:,{_HOST}(?::[0-9]+)?)*")
 
 
-def split_userinfo(rest: str) -> tuple[str | None, str]:
+def split_userinfo(rest: str, *, conservative: bool = True) -> tuple[str | None, str]:
     """Split what follows ``scheme://`` into its user info (or None) and the rest.
 
-    The user info ends at the last ``@`` that is followed by a host list, so a password
-    with a raw ``/``, ``#``, ``?`` or ``@`` in it stays in the user info (and out of
-    messages), where ``urlsplit`` would cut it into the path or the fragment.
+    A password may hold a raw ``/``, ``#``, ``?`` or ``@``, which ``urlsplit`` would cut
+    into the path, the query or the fragment (and so into messages). Conservative (for
+    redaction): the user info ends at the last ``@`` that a host list follows, hiding
+    too much rather than too little (a query value with an ``@`` hides the host too).
+    Otherwise (for parsing): the standard reading when it yields a valid host list,
+    else the conservative one.
     """
     if rest.startswith("/"):
         return None, rest  # no authority at all: file:///path
-    at = len(rest)
-    while (at := rest.rfind("@", 0, at)) >= 0:
-        if _HOST_LIST.match(rest, at + 1):
-            return rest[:at], rest[at + 1 :]
+    if not conservative:
+        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+        userinfo, at, hosts = rest[:end].rpartition("@")
+        if _STRICT_HOST_LIST.fullmatch(hosts):
+            return (userinfo if at else None), rest[len(userinfo) + len(at) :]
+    at_index = len(rest)
+    while (at_index := rest.rfind("@", 0, at_index)) >= 0:
+        if _HOST_LIST.match(rest, at_index + 1):
+            return rest[:at_index], rest[at_index + 1 :]
     return None, rest
 
 

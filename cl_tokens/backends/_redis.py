@@ -129,7 +129,8 @@ class RedisBackend(TokenBackend):
     ``socket_timeout`` seconds instead of stalling the token path; options in the URL's
     query (``?socket_timeout=3``) win over these.
 
-    URLs (a password may hold any character; percent-encode ``%``)::
+    URLs (a password may hold raw ``/ ? # @``; percent-encode ``%``, and the others too
+    to be unambiguous)::
 
         redis://[user:password@]host[:port][/db]            one server (rediss:// for TLS)
         redis+cluster://[user:password@]h1:p1[,h2:p2...]    Redis Cluster, seed nodes

@@ -87,7 +87,7 @@ def parse_redis_url(url: str) -> RedisTarget:
         )
     tls = scheme.startswith("rediss")
     kind = scheme.partition("+")[2] or "single"
-    userinfo, rest = split_userinfo(rest)
+    userinfo, rest = split_userinfo(rest, conservative=False)
     rest, _, _fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
@@ -95,9 +95,9 @@ def parse_redis_url(url: str) -> RedisTarget:
     for part in netloc.split(","):
         match = _HOST.fullmatch(part)
         if match is None:
+            # Nothing of the URL is echoed: a misplaced password may be in it.
             raise ConfigurationError(
-                f"{scheme}:// URL: hosts must read host[:port][,host[:port]...], "
-                f"and {part[:40]!r} does not"
+                f"{scheme}:// URL: hosts must read host[:port][,host[:port]...]"
             )
         port = int(match.group(2)) if match.group(2) else _DEFAULT_PORT[kind]
         if not 0 < port < 65536:
@@ -138,9 +138,7 @@ def parse_redis_url(url: str) -> RedisTarget:
 
 def _db(scheme: str, text: str) -> int:
     if not text.isdigit() or len(text) > 6:
-        raise ConfigurationError(
-            f"{scheme}:// URL: the database must be a number, not {text[:20]!r}"
-        )
+        raise ConfigurationError(f"{scheme}:// URL: the database must be a number")
     return int(text)
 
 
