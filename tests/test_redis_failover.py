@@ -21,7 +21,10 @@ from cl_tokens.backends import RedisBackend
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-LEASE = 5.0
+LEASE = 3.0
+# A Cluster election (node timeout 1 s) takes 2-3 s here: a longer lease lets the test
+# see the ghost lock on the promoted replica.
+CLUSTER_LEASE = 4.5
 KEY = "cl_tokens:v2:" + "f0" * 20
 
 
@@ -33,12 +36,14 @@ class Waited:
     refused: int  # attempts answered "held by another" (the ghost lock)
 
 
-async def _wait_for_lock(backend: RedisBackend, fault_at: float, limit: float) -> Waited:
+async def _wait_for_lock(
+    backend: RedisBackend, fault_at: float, limit: float, lease: float = LEASE
+) -> Waited:
     errors = refused = 0
     service_back = None
     while time.monotonic() - fault_at < limit:
         try:
-            handle = await backend.acquire_lock(KEY, lease=LEASE)
+            handle = await backend.acquire_lock(KEY, lease=lease)
         except BackendError:
             errors += 1
             await asyncio.sleep(0.05)
@@ -69,7 +74,7 @@ async def test_killing_a_cluster_master_under_a_held_lock_costs_at_most_one_leas
     try:
         cluster.start()
         async with RedisBackend(url=cluster.url, socket_timeout=0.5) as backend:
-            holder = await backend.acquire_lock(KEY, lease=LEASE)
+            holder = await backend.acquire_lock(KEY, lease=CLUSTER_LEASE)
             assert holder is not None
             client = backend.client
             master = client.get_node_from_key("{" + KEY + "}:lock").port  # type: ignore[union-attr]
@@ -78,14 +83,15 @@ async def test_killing_a_cluster_master_under_a_held_lock_costs_at_most_one_leas
             # The holder dies with the master: nobody will release or renew the lock.
             fault_at = time.monotonic()
             cluster.kill(master)
-            waited = await _wait_for_lock(backend, fault_at, limit=30)
+            waited = await _wait_for_lock(backend, fault_at, limit=30, lease=CLUSTER_LEASE)
         print(
             f"\ncluster master killed: Redis answered again after {waited.service_back:.2f} s, "
-            f"lock taken after {waited.acquired:.2f} s (lease {LEASE:g} s; "
+            f"lock taken after {waited.acquired:.2f} s (lease {CLUSTER_LEASE:g} s; "
             f"{waited.errors} failed and {waited.refused} refused attempts)"
         )
-        assert waited.refused > 0, "the promoted replica should have held the ghost lock"
-        assert waited.acquired - waited.service_back <= LEASE + 1.5
+        if waited.service_back < CLUSTER_LEASE - 0.3:  # an election may outlast the lease
+            assert waited.refused > 0, "the promoted replica should hold the ghost lock"
+        assert waited.acquired - waited.service_back <= CLUSTER_LEASE + 1.5
     finally:
         cluster.close()
 
