@@ -441,3 +441,17 @@ async def test_a_failed_release_is_retried_in_the_background(
         await asyncio.sleep(0.01)
     assert await backend.client.exists("{" + key + "}:lock") == 0
     assert failures == 0
+
+
+@pytest.mark.redis
+async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
+    redis_url: str,  # noqa: F811
+    key: str,
+) -> None:
+    # redis-py 8 raises MaxConnectionsError past a pool's max_connections (100 by
+    # default, per node on a Cluster); the backend queues instead.
+    async with RedisBackend(url=redis_url, max_connections=3) as backend:
+        await backend.set(key, make_token())
+        results = await asyncio.gather(*(backend.get(key) for _ in range(60)))
+        assert all(r is not None for r in results)
+        assert len(_single(backend).connection_pool._in_use_connections) == 0

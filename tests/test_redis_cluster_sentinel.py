@@ -157,3 +157,31 @@ async def test_a_sentinel_url_for_an_unknown_service_is_a_backend_error(
     async with backend_from_url(f"redis+sentinel://{hosts}/no-such-service") as backend:
         with pytest.raises(BackendError, match="MasterNotFoundError"):
             await backend.get("k")
+
+
+async def test_a_preparation_outlives_a_caller_that_gives_up(
+    redis_cluster: RedisCluster, prefix: str
+) -> None:
+    # The manager bounds each backend call; a Cluster client's first initialize may
+    # take longer under load. A caller that times out must not restart it from scratch.
+    async with RedisBackend(url=redis_cluster.url) as backend:
+        client = backend.client
+        assert isinstance(client, ClusterClient)
+        real_initialize = client.initialize
+        calls = 0
+
+        async def slow_initialize(*args: object, **kwargs: object) -> ClusterClient:
+            nonlocal calls
+            calls += 1
+            await asyncio.sleep(0.3)
+            return await real_initialize()
+
+        client.initialize = slow_initialize  # type: ignore[method-assign]
+        for _ in range(3):
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(backend.get(prefix + "k"), 0.05)
+        await backend.connect()
+        assert calls == 1
+        await backend.set(prefix + "k", make_token())
+        assert await backend.get(prefix + "k") is not None
+    redis_cluster.delete_keys(prefix)

@@ -31,7 +31,7 @@ import contextlib
 import hashlib
 import math
 import secrets
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,7 @@ from .._errors import BackendError, ConfigurationError
 from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
-from ._redis_loops import CLUSTER_HINT, LoopClients
+from ._redis_loops import CLUSTER_HINT, Bound, LoopClients
 from ._redis_urls import SCHEMES, RedisTarget, build_client, parse_redis_url
 
 if TYPE_CHECKING:
@@ -225,6 +225,26 @@ class RedisBackend(TokenBackend):
         with self._wrap_errors("bind to this event loop", "the backend"):
             return self._clients.current()  # type: ignore[no-any-return]
 
+    async def connect(self) -> None:
+        """Connect now (and initialize a Cluster client) instead of at the first call,
+        which otherwise pays for it: a Cluster client reads the server's COMMAND table
+        (about 0.2 s; seconds on a loaded machine). Optional; safe to call again."""
+        with self._wrap_errors("connect to", self._where):
+            await self._clients.use()
+
+    @contextlib.asynccontextmanager
+    async def _command(self, action: str, key: str) -> AsyncIterator[Bound]:
+        """The client for this loop, for one command: errors wrapped, and no more
+        commands in flight than the client has connections (redis-py 8 raises
+        MaxConnectionsError past them, where it could wait)."""
+        with self._wrap_errors(action, key):
+            bound = await self._clients.use()
+            if bound.limit is None:
+                yield bound
+            else:
+                async with bound.limit:
+                    yield bound
+
     # -- errors ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -255,8 +275,7 @@ class RedisBackend(TokenBackend):
         return self._codec.decode(data[_DIGEST_LEN + 1 :])
 
     async def get(self, key: str) -> Token | None:
-        with self._wrap_errors("read", key):
-            bound = await self._clients.use()
+        async with self._command("read", key) as bound:
             raw = await bound.client.get(_token_key(key))
         if raw is None:
             return None
@@ -268,8 +287,7 @@ class RedisBackend(TokenBackend):
     async def set(self, key: str, token: Token) -> None:
         value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
         ttl_ms = _ms_until(token.expires_at, self._clock.time())
-        with self._wrap_errors("write", key):
-            bound = await self._clients.use()
+        async with self._command("write", key) as bound:
             if ttl_ms <= 0:
                 # Storing an expired token means holding none (as a later get would say).
                 await bound.client.delete(_token_key(key))
@@ -277,8 +295,7 @@ class RedisBackend(TokenBackend):
                 await bound.client.set(_token_key(key), value, px=ttl_ms)
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
-        with self._wrap_errors("delete", key):
-            bound = await self._clients.use()
+        async with self._command("delete", key) as bound:
             if access_token is None:
                 deleted = await bound.client.delete(_token_key(key))
             else:
@@ -290,8 +307,7 @@ class RedisBackend(TokenBackend):
     # -- back-off -------------------------------------------------------------------------
 
     async def get_backoff(self, key: str) -> float | None:
-        with self._wrap_errors("read the back-off of", key):
-            bound = await self._clients.use()
+        async with self._command("read the back-off of", key) as bound:
             raw = await bound.client.get(_backoff_key(key))
         if raw is None:
             return None
@@ -307,8 +323,7 @@ class RedisBackend(TokenBackend):
         if not math.isfinite(retry_at):
             raise BackendError(f"a back-off must end at a finite time, not {retry_at!r}")
         ttl_ms = _ms_until(retry_at, self._clock.time())
-        with self._wrap_errors("write the back-off of", key):
-            bound = await self._clients.use()
+        async with self._command("write the back-off of", key) as bound:
             if ttl_ms <= 0:
                 await bound.client.delete(_backoff_key(key))
             else:
@@ -320,8 +335,7 @@ class RedisBackend(TokenBackend):
         owner = secrets.token_hex(16)
         handle = LockHandle(key, owner)
         try:
-            with self._wrap_errors("lock", key):
-                bound = await self._clients.use()
+            async with self._command("lock", key) as bound:
                 taken = await bound.scripts["acquire"](
                     keys=[_lock_key(key)], args=[owner, _lease_ms(lease)]
                 )
@@ -336,8 +350,7 @@ class RedisBackend(TokenBackend):
 
     async def renew_lock(self, handle: LockHandle, *, lease: float) -> bool:
         """Extend the lock to ``lease`` seconds from now, only if ``handle`` still owns it."""
-        with self._wrap_errors("renew the lock on", handle.key):
-            bound = await self._clients.use()
+        async with self._command("renew the lock on", handle.key) as bound:
             renewed = await bound.scripts["renew"](
                 keys=[_lock_key(handle.key)], args=[handle.owner, _lease_ms(lease)]
             )
@@ -363,8 +376,7 @@ class RedisBackend(TokenBackend):
             raise
 
     async def _release(self, handle: LockHandle) -> None:
-        with self._wrap_errors("unlock", handle.key):
-            bound = await self._clients.use()
+        async with self._command("unlock", handle.key) as bound:
             await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
 
     async def _retry_release(self, handle: LockHandle) -> None:

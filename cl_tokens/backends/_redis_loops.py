@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from .._errors import BackendError
@@ -57,7 +57,8 @@ class Bound:
     cluster: bool = False
     ready: bool = False
     misfit: str | None = None
-    init_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    init_task: asyncio.Future[None] | None = None
+    limit: asyncio.Semaphore | None = None
 
 
 class LoopClients:
@@ -138,6 +139,9 @@ class LoopClients:
 
         cluster = isinstance(client, RedisCluster)
         bound = Bound(loop=loop, client=client, scripts=scripts, cluster=cluster)
+        connections = _max_connections(client)
+        if connections is not None:
+            bound.limit = asyncio.Semaphore(connections)
         self._bound[id(loop)] = bound
         self._last = client
         return bound
@@ -169,22 +173,31 @@ class LoopClients:
         _drop_connections(self._injected, keep=False)
 
     async def _prepare(self, bound: Bound) -> None:
-        async with bound.init_lock:
-            client = bound.client
-            if bound.cluster:
-                await client.initialize()  # returns at once if it already is
-            elif bound.ready:
-                return
-            else:
-                from redis.exceptions import ResponseError
+        """Wait for the one preparation of ``bound`` under way, or start it. It runs as
+        a task of its own: a caller that times out or is cancelled leaves it running
+        for the others, so a slow start (a Cluster's COMMAND table takes 0.2 s, and
+        seconds on a loaded machine) is paid once, never restarted from scratch."""
+        task = bound.init_task
+        if task is None or task.done():
+            # None: the first time; done: it failed, or the Cluster asks to start over.
+            task = bound.init_task = asyncio.ensure_future(self._initialize(bound))
+            task.add_done_callback(_retrieve)
+        await asyncio.shield(task)
 
-                try:
-                    info = await client.info("cluster")
-                except ResponseError:
-                    info = {}  # INFO renamed or denied: MOVED replies still tell
-                if str(info.get("cluster_enabled", 0)) == "1":
-                    bound.misfit = f"RedisBackend({self._where}): {CLUSTER_HINT}"
-            bound.ready = True
+    async def _initialize(self, bound: Bound) -> None:
+        client = bound.client
+        if bound.cluster:
+            await client.initialize()  # returns at once if it already is
+        elif not bound.ready:
+            from redis.exceptions import ResponseError
+
+            try:
+                info = await client.info("cluster")
+            except ResponseError:
+                info = {}  # INFO renamed or denied: MOVED replies still tell
+            if str(info.get("cluster_enabled", 0)) == "1":
+                bound.misfit = f"RedisBackend({self._where}): {CLUSTER_HINT}"
+        bound.ready = True
 
     async def aclose(self) -> None:
         """Close the built clients: on this loop, awaited; on another loop that runs,
@@ -205,6 +218,24 @@ class LoopClients:
                 asyncio.run_coroutine_threadsafe(_close(each.client), each.loop)
         if spare is not None:
             await _close(spare)
+
+
+def _max_connections(client: Any) -> int | None:
+    """How many connections the client may open (to each Cluster node), if it says."""
+    if hasattr(client, "nodes_manager"):
+        kwargs = getattr(client.nodes_manager, "connection_kwargs", {})
+        limit = kwargs.get("max_connections")
+    else:
+        limit = getattr(getattr(client, "connection_pool", None), "max_connections", None)
+    if isinstance(limit, int) and 0 < limit < 1_000_000:
+        return limit
+    return None
+
+
+def _retrieve(task: asyncio.Future[None]) -> None:
+    """Mark a preparation's failure as seen: its callers may all have given up."""
+    if not task.cancelled():
+        task.exception()
 
 
 async def _close(client: Any) -> None:
