@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime
+import json
 import os
 import platform
 import sys
@@ -29,8 +30,9 @@ from ._common import DEFAULT_REDIS_URL, Config
 from .hot import hot_path, peers, scale
 from .report import rows, write_chart, write_json, write_markdown
 from .stampede import cold_stampede, cross_process
+from .stress import stress
 
-BENCHMARKS = ("hot", "peers", "stampede", "xproc", "scale")
+BENCHMARKS = ("hot", "peers", "stampede", "xproc", "scale", "stress")
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -62,6 +64,9 @@ async def run(cfg: Config) -> dict[str, Any]:
             f"× {cfg.xproc_rounds} rounds, file and redis"
         )
         results["cross_process"] = await cross_process(cfg)
+    if cfg.wants("stress"):
+        _log("stress: 8 processes × 250 coroutines, file and redis, under a CPU hog")
+        results["stress"] = await stress(cfg)
     return results
 
 
@@ -146,6 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         "config": cfg.as_dict(),
         "gc": "cyclic GC disabled inside each timing loop (gc.collect() just before)",
     }
+    kept: list[str] = []
+    previous_file = args.out / "results.json"
+    if only and previous_file.exists():
+        # A partial run updates its own sections and keeps the others' last figures.
+        previous = json.loads(previous_file.read_text())
+        for name, value in previous.items():
+            if name not in ("meta", "targets") and name not in results:
+                results[name] = value
+                kept.append(name)
+        meta["kept_from_previous_run"] = {
+            "sections": kept,
+            "previous_meta": previous.get("meta", {}),
+        }
     table = rows(results)
     report = {
         "meta": meta,

@@ -10,9 +10,11 @@ from ._errors import (
     AuthenticationError,
     BackendError,
     ConfigurationError,
+    LoginRequiredError,
     TokenEndpointError,
     TokenError,
 )
+from ._grants import create_assertion
 from ._jwks import JWKSVerifier
 from ._manager import DEFAULT_AUTH_URL, TokenManager
 from ._settings import Settings
@@ -29,6 +31,7 @@ __all__ = [  # noqa: RUF022
     "ConfigurationError",
     "DEFAULT_AUTH_URL",
     "JWKSVerifier",
+    "LoginRequiredError",
     "Settings",
     "SystemClock",
     "Token",
@@ -39,4 +42,5 @@ __all__ = [  # noqa: RUF022
     "TokenMiddleware",
     "Tuning",
     "__version__",
+    "create_assertion",
 ]

@@ -109,11 +109,20 @@ class ApiAuthorizer:
         manager: the ``TokenManager`` that provides the tokens.
         scope: the scope of the tokens; None for the manager's default.
         hosts: extra host names that may receive the token (see ``TokenDestinations``).
+        customer: a customer's ``owner_id``: send their token, not the app's.
     """
 
-    def __init__(self, manager: TokenManager, *, scope: str | None, hosts: Iterable[str]) -> None:
+    def __init__(
+        self,
+        manager: TokenManager,
+        *,
+        scope: str | None,
+        hosts: Iterable[str],
+        customer: str | None = None,
+    ) -> None:
         self.manager = manager
         self.scope = scope
+        self.customer = customer
         self._destinations = TokenDestinations(manager.auth_url, hosts)
 
     def should_authorize(self, url: str, *, has_authorization: bool) -> bool:
@@ -132,7 +141,7 @@ class ApiAuthorizer:
     async def token(self) -> Token:
         reset = _getting_token.set(True)
         try:
-            return await self.manager.token(self.scope)
+            return await self.manager.token(self.scope, customer=self.customer)
         finally:
             _getting_token.reset(reset)
 
@@ -143,7 +152,7 @@ class ApiAuthorizer:
         handed out (and refused) again until it expired. No retry for a body that
         cannot be sent again, nor when the same token would only be refused again.
         """
-        await self.manager.invalidate(sent.access_token, self.scope)
+        await self.manager.invalidate(sent.access_token, self.scope, customer=self.customer)
         if not replayable:
             return None
         fresh = await self.token()

@@ -2,6 +2,7 @@
 
     TokenError                      base class: catch this to catch them all
     ├── AuthenticationError         the token endpoint rejected the credentials (400/401/403)
+    │   └── LoginRequiredError      a customer has no usable token or refresh token: log in
     ├── TokenEndpointError          the endpoint failed: 5xx, 429, timeout, connection, bad body
     ├── BackendError                a shared cache backend failed (raised only in strict mode)
     └── ConfigurationError          bad arguments or settings (also a ValueError)
@@ -12,10 +13,13 @@ No message ever holds a client secret or an access token: at most a fingerprint
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AuthenticationError",
     "BackendError",
     "ConfigurationError",
+    "LoginRequiredError",
     "TokenEndpointError",
     "TokenError",
 ]
@@ -49,6 +53,19 @@ class AuthenticationError(TokenError):
         self.code = code
         self.title = title
         self.detail = detail
+
+
+class LoginRequiredError(AuthenticationError):
+    """A customer's token cannot be had without a new login: nothing is cached for them,
+    or their refresh token was refused (spent, revoked or expired).
+
+    Attributes:
+        owner_id: the customer (or user) who must log in again.
+    """
+
+    def __init__(self, message: str, *, owner_id: str, status: int = 0, **fields: Any) -> None:
+        super().__init__(message, status=status, **fields)
+        self.owner_id = owner_id
 
 
 class TokenEndpointError(TokenError):

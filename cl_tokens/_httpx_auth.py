@@ -46,9 +46,14 @@ class TokenAuth(httpx.Auth):
     """
 
     def __init__(
-        self, manager: TokenManager, *, scope: str | None = None, hosts: Iterable[str] = ()
+        self,
+        manager: TokenManager,
+        *,
+        scope: str | None = None,
+        hosts: Iterable[str] = (),
+        customer: str | None = None,
     ) -> None:
-        self._auth = ApiAuthorizer(manager, scope=scope, hosts=hosts)
+        self._auth = ApiAuthorizer(manager, scope=scope, hosts=hosts, customer=customer)
 
     def __repr__(self) -> str:
         return f"TokenAuth(manager={self._auth.manager!r}, scope={self._auth.scope!r})"

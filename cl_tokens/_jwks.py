@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import json
+import math
 from collections.abc import Iterable
+from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,8 @@ import aiohttp
 from ._clock import Clock, SystemClock
 from ._endpoint import auth_url_problem
 from ._errors import ConfigurationError, TokenError
-from ._token import Token
+from ._http import BodyTooLarge, loads_json, read_body, safe_text
+from ._token import MAX_TOKEN_LENGTH, Token
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
@@ -30,7 +32,6 @@ __all__ = ["COMMERCE_LAYER_ISSUER", "JWKSVerifier"]
 COMMERCE_LAYER_ISSUER = "https://auth.commercelayer.io"
 # Old tokens say "https://commercelayer.io", or nothing; their keys are the auth host's.
 _LEGACY_ISSUERS = frozenset({"https://commercelayer.io", ""})
-_MAX_BODY = 256 * 1024
 _MIN_REFETCH = 30.0  # seconds: unknown kids must not turn into a flood of JWKS requests
 
 
@@ -50,6 +51,10 @@ class JWKSVerifier:
             Each must be https (plain http only to a loopback host, for tests).
         timeout: seconds a JWKS request may take.
         leeway: seconds of clock skew tolerated when checking ``exp``.
+        failure_ttl: seconds a failed key-set fetch is remembered: meanwhile every
+            verify that needs that issuer's keys fails at once with the same error,
+            and no request is sent (a down or hung endpoint costs one request per
+            ``failure_ttl``, not one per verify).
         clock: where the current time comes from (for tests).
 
     Raises:
@@ -65,6 +70,7 @@ class JWKSVerifier:
         issuers: Iterable[str] = (COMMERCE_LAYER_ISSUER,),
         timeout: float = 10.0,
         leeway: float = 0.0,
+        failure_ttl: float = 10.0,
         clock: Clock | None = None,
     ) -> None:
         try:
@@ -79,8 +85,8 @@ class JWKSVerifier:
         problems = [f"issuer {i!r} {p}" for i in sorted(trusted) if (p := auth_url_problem(i))]
         if not trusted:
             problems.append("issuers must name at least one issuer")
-        if cache_ttl < 0 or timeout <= 0 or leeway < 0:
-            problems.append("cache_ttl and leeway must be >= 0, timeout > 0")
+        if not (cache_ttl >= 0 and timeout > 0 and leeway >= 0 and failure_ttl >= 0):
+            problems.append("cache_ttl, leeway and failure_ttl must be >= 0, timeout > 0")
         if problems:
             raise ConfigurationError("invalid JWKSVerifier arguments: " + "; ".join(problems))
         self._issuers = frozenset(trusted)
@@ -89,10 +95,14 @@ class JWKSVerifier:
         self._cache_ttl = cache_ttl
         self._timeout = timeout
         self._leeway = leeway
+        self._failure_ttl = failure_ttl
         self._clock: Clock = clock or SystemClock()
         # issuer -> (monotonic time fetched, {kid: key})
         self._keys: dict[str, tuple[float, dict[str, RSAPublicKey]]] = {}
-        self._fetching: dict[str, asyncio.Lock] = {}
+        # issuer -> the one fetch in flight, awaited by every verify that needs it
+        self._flights: dict[str, asyncio.Future[dict[str, RSAPublicKey]]] = {}
+        # issuer -> (monotonic time until which the failure stands, its message)
+        self._failures: dict[str, tuple[float, str]] = {}
 
     async def verify(self, token: Token | str) -> dict[str, Any]:
         """The token's payload, once its issuer, ``exp`` and signature are checked.
@@ -111,20 +121,21 @@ class JWKSVerifier:
 
         access_token = token.access_token if isinstance(token, Token) else token
         header, payload, signing_input, signature = _split(access_token)
-        if header.get("alg") != "RS512":
+        alg = header.get("alg")
+        if alg != "RS512":
             # Never let the token pick the algorithm ("none", HS512 with the public key...).
-            raise TokenError(f"token signed with {header.get('alg')!r}; only RS512 is accepted")
+            raise TokenError(f"token signed with {_quoted(alg)}; only RS512 is accepted")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise TokenError("token header has no key id (kid)")
         issuer = _issuer(payload)
         if issuer not in self._issuers:
             raise TokenError(
-                f"token issuer {issuer!r} is not trusted (trusted: {sorted(self._issuers)})"
+                f"token issuer {_quoted(issuer)} is not trusted (trusted: {sorted(self._issuers)})"
             )
-        exp = payload.get("exp")
-        if not isinstance(exp, (int, float)) or isinstance(exp, bool):
-            raise TokenError("token has no numeric exp claim")
+        exp = _finite(payload.get("exp"))
+        if exp is None:
+            raise TokenError("token has no numeric exp claim (or one too large)")
         if self._clock.time() >= exp + self._leeway:
             raise TokenError("token has expired")
         key = await self._key(issuer, kid)
@@ -137,23 +148,57 @@ class JWKSVerifier:
     async def _key(self, issuer: str, kid: str) -> RSAPublicKey:
         cached = self._keys.get(issuer)
         now = self._clock.monotonic()
-        if cached is not None and now - cached[0] < self._cache_ttl and kid in cached[1]:
+        fresh = cached is not None and now - cached[0] < self._cache_ttl
+        if cached is not None and fresh and kid in cached[1]:
             return cached[1][kid]
-        lock = self._fetching.setdefault(issuer, asyncio.Lock())
-        async with lock:
-            # Another caller may have fetched while this one waited.
-            cached = self._keys.get(issuer)
-            now = self._clock.monotonic()
-            fresh = cached is not None and now - cached[0] < self._cache_ttl
-            if cached is not None and fresh and kid in cached[1]:
-                return cached[1][kid]
-            if cached is None or not fresh or now - cached[0] >= _MIN_REFETCH:
-                cached = (now, await self._fetch(issuer))
-                self._keys[issuer] = cached
-        key = cached[1].get(kid)
+        if cached is not None and fresh and now - cached[0] < _MIN_REFETCH:
+            keys = cached[1]  # an unknown kid, and the set was fetched moments ago
+        else:
+            keys = await self._keys_of(issuer)
+        key = keys.get(kid)
         if key is None:
-            raise TokenError(f"no key {kid!r} in the key set of {issuer}")
+            raise TokenError(f"no key {_quoted(kid)} in the key set of {issuer}")
         return key
+
+    async def _keys_of(self, issuer: str) -> dict[str, RSAPublicKey]:
+        """The issuer's key set, fetched once however many verifies wait for it.
+
+        A failed fetch is remembered for ``failure_ttl`` seconds: until then every
+        caller gets its error at once, and no request is sent.
+        """
+        failed = self._failures.get(issuer)
+        now = self._clock.monotonic()
+        if failed is not None:
+            if now < failed[0]:
+                raise TokenError(
+                    f"{failed[1]} (remembered for {self._failure_ttl:g} s; no request sent)"
+                )
+            del self._failures[issuer]
+        flight = self._flights.get(issuer)
+        loop = asyncio.get_running_loop()
+        if flight is None or flight.get_loop() is not loop:
+            flight = loop.create_task(self._fetch_and_remember(issuer))
+            self._flights[issuer] = flight
+            flight.add_done_callback(partial(self._landed, issuer))
+        # shield: a cancelled caller leaves the fetch running for the others.
+        return await asyncio.shield(flight)
+
+    def _landed(self, issuer: str, flight: asyncio.Future[dict[str, RSAPublicKey]]) -> None:
+        if self._flights.get(issuer) is flight:
+            del self._flights[issuer]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: no "never retrieved" warning if all left
+
+    async def _fetch_and_remember(self, issuer: str) -> dict[str, RSAPublicKey]:
+        try:
+            keys = await self._fetch(issuer)
+        except TokenError as exc:
+            if self._failure_ttl > 0:
+                until = self._clock.monotonic() + self._failure_ttl
+                self._failures[issuer] = (until, str(exc))
+            raise
+        self._keys[issuer] = (self._clock.monotonic(), keys)
+        return keys
 
     async def _fetch(self, issuer: str) -> dict[str, RSAPublicKey]:
         url = f"{issuer}/.well-known/jwks.json"
@@ -164,17 +209,25 @@ class JWKSVerifier:
                 headers={"Accept": "application/json"},
                 timeout=aiohttp.ClientTimeout(total=self._timeout),
                 allow_redirects=False,
+                # A caller's session must not raise on its own, nor add its headers
+                # (our own middleware would attach a token) to this request.
+                raise_for_status=False,
+                middlewares=(),
             ) as response:
-                raw = await response.content.read(_MAX_BODY)
                 status = response.status
+                raw = await read_body(response) if status == 200 else b""
+        except BodyTooLarge as exc:
+            raise TokenError(f"could not fetch {url}: {exc}") from None
         except asyncio.TimeoutError:
             raise TokenError(f"{url} did not answer within {self._timeout:g} s") from None
         except aiohttp.ClientError as exc:
-            raise TokenError(f"could not fetch {url}: {type(exc).__name__}: {exc}") from None
+            raise TokenError(
+                f"could not fetch {url}: {type(exc).__name__}: {safe_text(str(exc))}"
+            ) from None
         if status != 200:
             raise TokenError(f"could not fetch {url}: HTTP {status}")
         try:
-            data = json.loads(raw)
+            data = loads_json(raw)
         except ValueError:
             data = None
         if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
@@ -218,15 +271,34 @@ def _split(access_token: str) -> tuple[dict[str, Any], dict[str, Any], bytes, by
     parts = access_token.split(".") if isinstance(access_token, str) else []
     if len(parts) != 3:
         raise TokenError("not a JWT: expected three dot-separated parts")
+    if len(access_token) > MAX_TOKEN_LENGTH:
+        raise TokenError(f"not a JWT: longer than {MAX_TOKEN_LENGTH} characters")
     try:
-        header = json.loads(_b64decode(parts[0]))
-        payload = json.loads(_b64decode(parts[1]))
+        header = loads_json(_b64decode(parts[0]))
+        payload = loads_json(_b64decode(parts[1]))
         signature = _b64decode(parts[2])
     except (binascii.Error, ValueError):
+        # loads_json turns depth, NaN and number faults into ValueError as well.
         raise TokenError("not a JWT: a part is not base64url-encoded JSON") from None
     if not isinstance(header, dict) or not isinstance(payload, dict):
         raise TokenError("not a JWT: header and payload must be JSON objects")
     return header, payload, f"{parts[0]}.{parts[1]}".encode("ascii"), signature
+
+
+def _quoted(value: object) -> str:
+    """A value from a token, fit for a message: repr, escaped, cut short."""
+    return safe_text(repr(value), 80)
+
+
+def _finite(value: object) -> float | None:
+    """A JSON number as a finite float; None for anything else (bools, huge ints)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def _issuer(payload: dict[str, Any]) -> str:
@@ -253,6 +325,6 @@ def _rsa_keys(jwks: list[Any]) -> dict[str, RSAPublicKey]:
                 int.from_bytes(_b64decode(e), "big"), int.from_bytes(_b64decode(n), "big")
             )
             keys[kid] = numbers.public_key()
-        except (binascii.Error, ValueError):
-            continue
+        except (binascii.Error, ValueError, TypeError, OverflowError):
+            continue  # not a usable RSA key: skipped like any other kind
     return keys

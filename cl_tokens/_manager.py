@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import random
+import warnings
+import weakref
 from collections.abc import Iterable, Mapping
 from functools import partial
 from types import TracebackType
@@ -21,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ._clock import Clock, SystemClock
+from ._customers import CustomerTokens, Owner
 from ._endpoint import BodyEncoding, TokenEndpoint, auth_url_problem
 from ._errors import (
     AuthenticationError,
@@ -29,7 +33,8 @@ from ._errors import (
     TokenEndpointError,
     TokenError,
 )
-from ._keys import cache_key
+from ._http import check_session
+from ._keys import credential_keys
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._retry import with_retries
 from ._shared import UNAVAILABLE, SharedTier
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
     from ._aiohttp_middleware import TokenMiddleware
     from ._httpx_auth import TokenAuth
     from ._settings import Settings
+    from .backends._codec import EncryptionKey
 
 __all__ = ["DEFAULT_AUTH_URL", "TokenManager"]
 
@@ -51,7 +57,7 @@ logger = logging.getLogger("cl_tokens")
 DEFAULT_AUTH_URL = "https://auth.commercelayer.io/oauth/token"
 
 
-class TokenManager:
+class TokenManager(CustomerTokens):
     """Gets, caches and shares OAuth2 client_credentials tokens.
 
     ``await manager.header()`` costs about a dict lookup while a token is cached; on a
@@ -66,8 +72,10 @@ class TokenManager:
         backend: where tokens are shared: None (a private in-memory store), a URL
             (``memory://``, ``file:///var/cache/cl-tokens``, ``redis://host:6379/0``)
             or a ``TokenBackend`` instance (not closed by the manager).
-        backend_options: keyword options for the backend built from a URL
-            (e.g. ``encryption_key``).
+        backend_options: keyword options for the backend built from a URL.
+        encryption_key: Fernet key(s) for the values a ``file://`` or ``redis://``
+            backend built from a URL stores (``pip install 'cl-tokens[encryption]'``);
+            the same as ``backend_options={"encryption_key": ...}``.
         session: an ``aiohttp.ClientSession`` to use (not closed by the manager);
             otherwise the manager creates one when first needed.
         body_encoding: ``"json"`` (what Commerce Layer documents) or ``"form"``
@@ -89,6 +97,7 @@ class TokenManager:
         auth_url: str = DEFAULT_AUTH_URL,
         backend: TokenBackend | str | None = None,
         backend_options: Mapping[str, Any] | None = None,
+        encryption_key: EncryptionKey | None = None,
         session: aiohttp.ClientSession | None = None,
         body_encoding: BodyEncoding = "json",
         clock: Clock | None = None,
@@ -99,6 +108,7 @@ class TokenManager:
         attempts: int = Tuning.attempts,
         backoff_base: float = Tuning.backoff_base,
         backoff_cap: float = Tuning.backoff_cap,
+        throttle_cap: float = Tuning.throttle_cap,
         fetch_deadline: float = Tuning.fetch_deadline,
         attempt_timeout: float = Tuning.attempt_timeout,
         auth_failure_cooldown: float = Tuning.auth_failure_cooldown,
@@ -110,12 +120,30 @@ class TokenManager:
         clock_check_interval: float = Tuning.clock_check_interval,
         hot_tier: bool = Tuning.hot_tier,
         strict: bool = Tuning.strict,
+        max_customers: int = Tuning.max_customers,
+        allow_plaintext_refresh_tokens: bool = Tuning.allow_plaintext_refresh_tokens,
     ) -> None:
         problems = _argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
         if backend is not None and not isinstance(backend, (str, TokenBackend)):
             problems.append("backend must be a URL string or a TokenBackend instance")
+        options = dict(backend_options or {})
+        if encryption_key is not None:
+            if not isinstance(backend, str):
+                problems.append(
+                    "encryption_key applies to a backend built from a URL "
+                    "(file:// or redis://); configure a TokenBackend instance itself"
+                )
+            elif "encryption_key" in options:
+                problems.append("encryption_key is given twice (also in backend_options)")
+            else:
+                options["encryption_key"] = encryption_key
         if session is not None and not isinstance(session, aiohttp.ClientSession):
             problems.append("session must be an aiohttp.ClientSession")
+        elif session is not None:
+            try:
+                check_session(session)
+            except ConfigurationError as exc:
+                problems.append(str(exc))
         try:
             self._tuning = Tuning(
                 safety_margin=safety_margin,
@@ -125,6 +153,7 @@ class TokenManager:
                 attempts=attempts,
                 backoff_base=backoff_base,
                 backoff_cap=backoff_cap,
+                throttle_cap=throttle_cap,
                 fetch_deadline=fetch_deadline,
                 attempt_timeout=attempt_timeout,
                 auth_failure_cooldown=auth_failure_cooldown,
@@ -136,6 +165,8 @@ class TokenManager:
                 clock_check_interval=clock_check_interval,
                 hot_tier=hot_tier,
                 strict=strict,
+                max_customers=max_customers,
+                allow_plaintext_refresh_tokens=allow_plaintext_refresh_tokens,
             )
         except ConfigurationError as exc:
             problems.append(str(exc))
@@ -160,14 +191,19 @@ class TokenManager:
             user_agent=f"cl-tokens/{__version__}",
         )
         self._owns_backend = not isinstance(backend, TokenBackend)
+        # scrypt of the secret, once per credential per process: keys and MACs come
+        # from it, so neither a key nor a stored value reveals or accepts a wrong secret.
+        self._credential = credential_keys(auth_url, client_id, client_secret)
         self._shared = SharedTier(
-            self._build_backend(backend, dict(backend_options or {})),
+            self._build_backend(backend, options),
             clock=self._clock,
             strict=self._tuning.strict,
             timeout=self._tuning.backend_timeout,
             retry_interval=self._tuning.backend_retry_interval,
+            keys=self._credential,
+            backoff_cap=self._tuning.throttle_cap,
         )
-        self._rng = random.Random()
+        self._rng = random.Random()  # noqa: S311 - jitter of timings, not a secret
         self._tier = MemoryTier(self._tuning, self._clock, self._rng)
         # The hot tier's dicts, bound here: a warm call is one of these lookups and a new
         # dict. Entries are retired by the tier, never checked, on the hot path.
@@ -178,10 +214,15 @@ class TokenManager:
             cancelled=lambda: TokenError("the TokenManager was closed while this call waited")
         )
         self._cooldowns: dict[str, tuple[float, AuthenticationError]] = {}
-        self._rejected: dict[str, str] = {}
+        # Access tokens dropped by invalidate() or found stale, with their expiry: a read
+        # of the shared backend must not bring them back while they may still be there.
+        self._rejected: dict[str, tuple[str, float]] = {}
+        self._backoffs: dict[str, _Backoff] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._closed = False
+        self._init_customers()
+        _LIVE.add(self)
 
     def _build_backend(
         self, backend: TokenBackend | str | None, options: dict[str, Any]
@@ -249,58 +290,70 @@ class TokenManager:
             f"auth_url={self._auth_url!r}, backend={self._shared.backend!r})"
         )
 
-    async def header(self, scope: str | None = None) -> dict[str, str]:
+    async def header(
+        self, scope: str | None = None, *, customer: str | None = None
+    ) -> dict[str, str]:
         """``{"Authorization": "Bearer <token>"}``, a new dict on every call.
 
         Args:
             scope: overrides the manager's default scope for this call.
+            customer: a customer's ``owner_id``: their token (see ``login``), not the
+                app's own.
 
         Raises:
             AuthenticationError: the credentials were rejected.
+            LoginRequiredError: (with ``customer``) nothing usable is cached for them.
             TokenEndpointError: no token could be had from the endpoint.
             ConfigurationError: ``scope`` is not a non-empty string or None.
         """
+        arg = scope if customer is None else (scope, customer)
         try:
-            value = self._hot_headers.get(scope)
+            value = self._hot_headers.get(arg)
         except TypeError:  # unhashable scope: let the slow path name the problem
             value = None
         if value is not None:
             return {"Authorization": value}
-        found = self._lookup(scope)
+        found = self._lookup(arg)
         token = found if isinstance(found, Token) else await found
         return {"Authorization": token.authorization}
 
-    async def token(self, scope: str | None = None) -> Token:
-        """The current ``Token`` for ``scope`` (the manager's default when None)."""
+    async def token(self, scope: str | None = None, *, customer: str | None = None) -> Token:
+        """The current ``Token`` for ``scope`` (the manager's default when None), or
+        for ``customer``."""
+        arg = scope if customer is None else (scope, customer)
         try:
-            token = self._hot_tokens.get(scope)
+            token = self._hot_tokens.get(arg)
         except TypeError:
             token = None
         if token is not None:
             return token
-        found = self._lookup(scope)
+        found = self._lookup(arg)
         return found if isinstance(found, Token) else await found
 
-    async def invalidate(self, access_token: str, scope: str | None = None) -> bool:
+    async def invalidate(
+        self, access_token: str, scope: str | None = None, *, customer: str | None = None
+    ) -> bool:
         """Drop ``access_token`` from every tier, only if it is still the cached token.
 
         Call it when the API answers 401 ``INVALID_TOKEN``: a hundred callers that saw
         the same stale token cause one new fetch, not a hundred, and a token another
         caller already replaced is left alone. Returns whether anything was dropped.
+        For a customer, the stored refresh token stays: the next call renews with it.
         """
         if not isinstance(access_token, str) or not access_token:
             raise ConfigurationError("access_token must be a non-empty string")
         self._check_open()
         self._bind_loop()
-        key, _ = self._resolve(scope)
+        key, _ = self._resolve(scope if customer is None else (scope, customer))
         # Remember it: a read of the shared backend racing this call must not bring it back.
-        self._rejected[key] = access_token
+        self._reject(key, access_token)
         dropped = False
         entry = self._tier.get(key)
         if entry is not None and entry.token.access_token == access_token:
             self._tier.drop(key)
             dropped = True
-        deleted = await self._shared.delete_if(key, access_token)
+        # A customer's stored pair keeps its refresh token: deleting it would log them out.
+        deleted = customer is None and await self._shared.delete_if(key, access_token)
         if dropped or deleted:
             logger.info("invalidated token %s", fingerprint(access_token))
         return dropped or deleted
@@ -337,7 +390,7 @@ class TokenManager:
         return True
 
     def aiohttp_middleware(
-        self, *, scope: str | None = None, hosts: Iterable[str] = ()
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
     ) -> TokenMiddleware:
         """An aiohttp (>= 3.12) client middleware: ``ClientSession(middlewares=[...])``.
 
@@ -349,12 +402,15 @@ class TokenManager:
             hosts: extra hosts that may receive the token (``api.example.com`` or
                 ``*.example.com``), beyond https ``*.commercelayer.io`` and the
                 auth_url's origin.
+            customer: a customer's ``owner_id``: send their token (see ``login``).
         """
         from ._aiohttp_middleware import TokenMiddleware
 
-        return TokenMiddleware(self, scope=scope, hosts=hosts)
+        return TokenMiddleware(self, scope=scope, hosts=hosts, customer=customer)
 
-    def httpx_auth(self, *, scope: str | None = None, hosts: Iterable[str] = ()) -> TokenAuth:
+    def httpx_auth(
+        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
+    ) -> TokenAuth:
         """An ``httpx.Auth`` for ``httpx.AsyncClient`` with the middleware's behaviour.
 
         Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``. Arguments as for
@@ -362,7 +418,7 @@ class TokenManager:
         """
         from ._httpx_auth import TokenAuth
 
-        return TokenAuth(self, scope=scope, hosts=hosts)
+        return TokenAuth(self, scope=scope, hosts=hosts, customer=customer)
 
     async def aclose(self) -> None:
         """Cancel and await background work; close the session and backend it owns."""
@@ -430,7 +486,7 @@ class TokenManager:
             self._tier.drop(key)
             # Not usable here, whatever the wall clock of the shared copy says (it may
             # have been stepped back): a read of the backend must not bring it back.
-            self._rejected[key] = entry.token.access_token
+            self._reject(key, entry.token.access_token, entry.token.expires_at)
         self._tier.await_flight(key, scope_arg)
         return self._flights.join(key, partial(self._obtain, key, scope, None))
 
@@ -459,20 +515,39 @@ class TokenManager:
         ``stale`` is the token being refreshed ahead of expiry (None for a blocking
         fetch): a refresh accepts only a newer token than it.
         """
+        try:
+            return await self._obtain_or_raise(key, scope, stale)
+        except BaseException:
+            # Nobody will install a token for this flight's waiters: forget them.
+            self._tier.forget_pending(key)
+            raise
+
+    async def _obtain_or_raise(self, key: str, scope: str | None, stale: Token | None) -> Token:
         self._raise_if_cooling_down(key)
+        self._raise_if_backing_off(key)
         stored = await self._shared.read(key)
         if self._acceptable(key, stored, stale):
-            return self._tier.install(key, stored)  # type: ignore[arg-type]
+            return self._install(key, stored)  # type: ignore[arg-type]
+        await self._check_shared_backoff(key)
         outcome = await self._lock_or_token(key, stale)
         if isinstance(outcome, Token):
-            return self._tier.install(key, outcome)
+            return self._install(key, outcome)
         try:
             if outcome is not None:
-                # Another process may have fetched while we waited for the lock.
+                # Another process may have fetched, or failed and set a back-off, while
+                # we waited for the lock.
                 stored = await self._shared.read(key)
                 if self._acceptable(key, stored, stale):
-                    return self._tier.install(key, stored)  # type: ignore[arg-type]
-            token = await self._fetch(key, scope, refreshing=stale is not None)
+                    return self._install(key, stored)  # type: ignore[arg-type]
+                await self._check_shared_backoff(key)
+            try:
+                token = await self._fetch(key, scope, refreshing=stale is not None)
+            except TokenEndpointError as error:
+                if _throttles(error):
+                    # Written before the lock is released: the next holder sees it.
+                    await self._enter_backoff(key, error)
+                raise
+            self._backoffs.pop(key, None)
             if stale is not None and token.access_token == stale.access_token:
                 # Reissued with the time *left* as expires_in: keep the original lifetime,
                 # so every process computes the same windows from the stored token.
@@ -494,10 +569,13 @@ class TokenManager:
                 "token endpoint returned the same token %s; the next refresh waits the minimum gap",
                 fingerprint(token.access_token),
             )
-        return self._tier.install(key, token)
+        return self._install(key, token)
 
     def _acceptable(self, key: str, token: Token | None, stale: Token | None) -> bool:
-        if token is None or token.access_token == self._rejected.get(key):
+        if token is None:
+            return False
+        rejected = self._rejected.get(key)
+        if rejected is not None and token.access_token == rejected[0]:
             return False
         if self._clock.time() >= token.expires_at - safety_margin(token, self._tuning):
             return False
@@ -514,7 +592,9 @@ class TokenManager:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._tuning.effective_lock_wait
         while True:
-            outcome = await self._shared.acquire(key, self._tuning.lock_lease)
+            outcome = await self._shared.acquire(
+                key, self._tuning.lock_lease, self._tuning.longest_hold
+            )
             if outcome is UNAVAILABLE:
                 return None
             if isinstance(outcome, LockHandle):
@@ -536,6 +616,8 @@ class TokenManager:
             await asyncio.sleep(self._tuning.lock_poll_interval * self._rng.uniform(0.5, 1.5))
 
     async def _fetch(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
+        if key in self._owners:
+            return await self._renew(key, scope)
         tuning = self._tuning
         try:
             token = await with_retries(
@@ -589,16 +671,118 @@ class TokenManager:
             detail=error.detail,
         )
 
+    # -- the fleet-wide back-off -----------------------------------------------------------
+
+    def _raise_if_backing_off(self, key: str) -> None:
+        backoff = self._backoffs.get(key)
+        if backoff is None:
+            return
+        left = backoff.retry_at - self._clock.time()
+        if left <= 0:
+            return
+        raise TokenEndpointError(
+            f"token requests for this credential are backing off after {backoff.cause}; "
+            f"no request is sent for {left:.3g} s more",
+            status=backoff.status,
+            retry_after=left,
+        )
+
+    async def _check_shared_backoff(self, key: str) -> None:
+        """Raise if another process (or machine) set a back-off for ``key``."""
+        retry_at = await self._shared.backoff(key)
+        if retry_at is None:
+            return
+        known = self._backoffs.get(key)
+        if known is None or known.retry_at < retry_at:
+            delay = retry_at - self._clock.time()
+            self._backoffs[key] = _Backoff(
+                retry_at=retry_at,
+                delay=max(delay, known.delay if known is not None else 0.0),
+                cause="a failure seen by another process",
+                status=None,
+            )
+        self._raise_if_backing_off(key)
+
+    async def _enter_backoff(self, key: str, error: TokenEndpointError) -> None:
+        """After a 429 or a fetch whose attempts all failed: no request before
+        ``retry_at``, here and (through the shared backend) in every process."""
+        tuning = self._tuning
+        previous = self._backoffs.get(key)
+        if error.retry_after is not None:
+            delay = min(error.retry_after, tuning.throttle_cap)
+        elif previous is not None:
+            delay = min(tuning.throttle_cap, max(tuning.backoff_base, 2 * previous.delay))
+        else:
+            delay = min(tuning.throttle_cap, tuning.backoff_base)
+        if delay <= 0:
+            return
+        retry_at = self._clock.time() + delay
+        status = error.status
+        cause = f"HTTP {status}" if status else "failed requests"
+        self._backoffs[key] = _Backoff(retry_at, delay, cause, status)
+        logger.warning(
+            "token endpoint %s: no token request for this credential for %.3g s, "
+            "in any process sharing the backend",
+            "rate limited (HTTP 429)" if status == 429 else "failing",
+            delay,
+        )
+        await self._shared.set_backoff(key, retry_at)
+
     # -- the tiers ---------------------------------------------------------------------
 
+    def _reject(self, key: str, access_token: str, expires_at: float | None = None) -> None:
+        if expires_at is None:
+            entry = self._tier.get(key)
+            if entry is not None and entry.token.access_token == access_token:
+                expires_at = entry.token.expires_at
+            else:  # unknown expiry: kept for the longest a Commerce Layer token lives
+                expires_at = self._clock.time() + 4 * 3600
+        self._rejected[key] = (access_token, expires_at)
+
+    def _forget_idle(self) -> None:
+        """Drop per-key state whose token expired or whose error state ended, so memory
+        is bounded by the live tokens, not by every scope ever asked for."""
+        now = self._clock.time()
+        mono = self._clock.monotonic()
+        for key, (_, until) in list(self._rejected.items()):
+            if now >= until:
+                del self._rejected[key]
+        for key, backoff in list(self._backoffs.items()):
+            if now >= backoff.retry_at + self._tuning.throttle_cap:
+                del self._backoffs[key]
+        for key, (until_mono, _) in list(self._cooldowns.items()):
+            if mono >= until_mono:
+                del self._cooldowns[key]
+        self._forget_spent_pairs(now)
+        live = {
+            key
+            for key in self._tier.keys()
+            | self._pairs.keys()
+            | self._rejected.keys()
+            | self._backoffs.keys()
+            | self._cooldowns.keys()
+        }
+        for scope_arg, (key, _) in list(self._keys.items()):
+            if key not in live and not self._flights.in_flight(key):
+                del self._keys[scope_arg]
+        self._tier.forget_idle_pending(self._flights.in_flight)
+
     def _resolve(self, scope_arg: object) -> tuple[str, str | None]:
-        """(cache key, scope) for a scope argument, validated once and remembered."""
+        """(cache key, scope) for a scope argument (or a (scope, customer) pair),
+        validated once and remembered."""
         try:
             known = self._keys.get(scope_arg)  # type: ignore[call-overload]
         except TypeError:
             known = None
         if known is not None:
             return known  # type: ignore[no-any-return]
+        owner: str | None = None
+        if isinstance(scope_arg, tuple) and len(scope_arg) == 2:
+            scope_arg, owner = scope_arg
+            if not isinstance(owner, str) or not owner or len(owner) > 256:
+                raise ConfigurationError(
+                    "customer must be a customer's owner_id: a non-empty string"
+                )
         if scope_arg is None:
             scope = self._scope
         elif isinstance(scope_arg, str) and scope_arg.strip() == scope_arg and scope_arg:
@@ -608,36 +792,14 @@ class TokenManager:
                 "scope must be a non-empty string without surrounding spaces, such as "
                 f"'market:code:europe', or None; got {type(scope_arg).__name__} {scope_arg!r}"
             )
-        resolved = (cache_key(self._auth_url, self._client_id, scope), scope)
-        self._keys[scope_arg] = resolved
+        if owner is None:
+            resolved = (self._credential.key(scope), scope)
+            self._keys[scope_arg] = resolved
+            return resolved
+        resolved = (self._credential.key(scope, owner), scope)
+        self._keys[(scope_arg, owner)] = resolved
+        self._owners.setdefault(resolved[0], Owner(owner))
         return resolved
-
-    async def _check_clock(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Retire hot entries that the clocks say are due, whatever the timers did."""
-        try:
-            while True:
-                await asyncio.sleep(self._tuning.clock_check_interval)
-                self._tier.sweep()
-        except GeneratorExit:
-            # Closed without being cancelled: its loop was closed under it. Nothing can
-            # be awaited any more; the hot tier must not outlive the loop's timers.
-            # (Closed late, by the garbage collector, after the manager moved on to a
-            # new loop: then the state is the new loop's, and is left alone.)
-            if loop is not self._loop:
-                raise
-            self._tier.clear_hot()
-            if self._own_session is not None:
-                self._own_session.detach()
-                self._own_session = None
-            raise
-        except asyncio.CancelledError:
-            # The loop is ending (or the manager closing): same, and close the session's
-            # connections while the loop can still run the closing.
-            self._tier.clear_hot()
-            session, self._own_session = self._own_session, None
-            if session is not None:
-                await session.close()
-            raise
 
     # -- event loop and resources ------------------------------------------------------
 
@@ -652,7 +814,12 @@ class TokenManager:
                 )
             self._move_to(loop)
         if self._keeper is None or self._keeper.done():
-            self._keeper = loop.create_task(self._check_clock(loop), name="cl_tokens clock check")
+            # The task holds the manager weakly: a manager dropped without aclose() can
+            # be collected (and says so with a ResourceWarning), ending this task.
+            self._keeper = loop.create_task(
+                _check_clock(weakref.ref(self), loop, self._tuning.clock_check_interval),
+                name="cl_tokens clock check",
+            )
 
     def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
         """Adopt a new event loop after the old one finished: drop what belonged to it."""
@@ -681,6 +848,95 @@ class TokenManager:
         if self._closed:
             raise TokenError("this TokenManager is closed")
 
+    def _after_fork_in_child(self) -> None:
+        """Forget what belongs to the parent: its loop, tasks, connections and the hot
+        tier, which no timer of this process would retire. The memory tier stays: every
+        read of it is checked against the clocks."""
+        self._tier.clear_hot()
+        self._tier.cancel_timers()
+        self._flights.forget()
+        if self._keeper is not None:
+            self._keeper._log_destroy_pending = False  # type: ignore[attr-defined]
+        self._keeper = None
+        self._loop = None
+        if self._own_session is not None:
+            # The parent's sockets: not ours to close, nor to let aiohttp's finalizers
+            # report as unclosed in this process. Kept, unused, for the child's life.
+            _INHERITED.append(self._own_session.connector)
+            self._own_session.detach()
+            self._own_session = None
+
+    def __del__(self, _warn: Any = warnings.warn) -> None:
+        if getattr(self, "_closed", True) or getattr(self, "_loop", None) is None:
+            return
+        _warn(
+            f"unclosed TokenManager for client {self._client_id!r}: call aclose() or "
+            "use 'async with'",
+            ResourceWarning,
+            source=self,
+        )
+        keeper = self._keeper
+        if keeper is not None and not keeper.done():
+            loop = keeper.get_loop()
+            if not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(keeper.cancel)
+                except RuntimeError:  # the loop closed meanwhile
+                    pass
+
+
+async def _check_clock(
+    manager_ref: weakref.ref[TokenManager], loop: asyncio.AbstractEventLoop, interval: float
+) -> None:
+    """Retire hot entries that the clocks say are due, whatever the timers did, and
+    forget per-key state that ended."""
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            manager = manager_ref()
+            if manager is None:
+                return
+            manager._tier.sweep()
+            manager._forget_idle()
+            del manager
+    except GeneratorExit:
+        # Closed without being cancelled: its loop was closed under it. Nothing can
+        # be awaited any more; the hot tier must not outlive the loop's timers.
+        # (Closed late, by the garbage collector, after the manager moved on to a
+        # new loop: then the state is the new loop's, and is left alone.)
+        manager = manager_ref()
+        if manager is None or loop is not manager._loop:
+            raise
+        manager._tier.clear_hot()
+        if manager._own_session is not None:
+            manager._own_session.detach()
+            manager._own_session = None
+        raise
+    except asyncio.CancelledError:
+        # The loop is ending (or the manager closing): same, and close the session's
+        # connections while the loop can still run the closing.
+        manager = manager_ref()
+        if manager is not None:
+            manager._tier.clear_hot()
+            session, manager._own_session = manager._own_session, None
+            del manager
+            if session is not None:
+                await session.close()
+        raise
+
+
+_LIVE: weakref.WeakSet[TokenManager] = weakref.WeakSet()
+_INHERITED: list[object] = []
+
+
+def _after_fork_in_child() -> None:
+    for manager in list(_LIVE):
+        manager._after_fork_in_child()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
 
 def _argument_problems(
     client_id: object,
@@ -702,3 +958,21 @@ def _argument_problems(
     if body_encoding not in ("json", "form"):
         problems.append(f"body_encoding must be 'json' or 'form', not {body_encoding!r}")
     return problems
+
+
+class _Backoff:
+    """A key's back-off: no token request before ``retry_at`` (wall clock)."""
+
+    __slots__ = ("cause", "delay", "retry_at", "status")
+
+    def __init__(self, retry_at: float, delay: float, cause: str, status: int | None) -> None:
+        self.retry_at = retry_at
+        self.delay = delay
+        self.cause = cause
+        self.status = status
+
+
+def _throttles(error: TokenEndpointError) -> bool:
+    """Whether a failed fetch must hold back the fleet: a 429, or transient failures
+    (5xx, timeouts, connection errors) that used up the attempts or the deadline."""
+    return error.status == 429 or error.retryable or error.retry_after is not None

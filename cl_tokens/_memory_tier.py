@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import random
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ._clock import Clock
@@ -21,7 +22,8 @@ from ._tuning import TokenTiming, Tuning, plan_token
 
 __all__ = ["Entry", "MemoryTier", "ScopeArg"]
 
-ScopeArg = str | None
+#: What callers pass: a scope (or None), or (scope, customer owner_id) for a customer.
+ScopeArg = str | None | tuple[str | None, str]
 
 
 @dataclass(eq=False)
@@ -86,6 +88,19 @@ class MemoryTier:
             self._pending[key] = {scope_arg}
         else:
             pending.add(scope_arg)
+
+    def keys(self) -> set[str]:
+        """The keys that have an entry."""
+        return set(self._entries)
+
+    def forget_pending(self, key: str) -> None:
+        """The flight of ``key`` failed: its waiters are not served hot by a later one."""
+        self._pending.pop(key, None)
+
+    def forget_idle_pending(self, in_flight: Callable[[str], bool]) -> None:
+        """Drop the waiters recorded for keys with no flight any more."""
+        for key in [k for k in self._pending if not in_flight(k)]:
+            del self._pending[key]
 
     def install(self, key: str, token: Token) -> Token:
         """Make ``token`` the entry for ``key``, served hot until its refresh moment."""

@@ -9,7 +9,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from ._endpoint import auth_url_problem
-from ._http import error_for, post, redactor
+from ._http import error_for, post, redactor, safe_text
 from ._token import Token, fingerprint
 from ._version import __version__
 
@@ -17,7 +17,21 @@ __all__ = ["revocation_url", "revoke_token"]
 
 logger = logging.getLogger("cl_tokens")
 
-_CL_DOMAIN = "commercelayer.io"
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of ``url``, the default port filled in; None if unparseable."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if scheme not in _DEFAULT_PORTS or not host:
+        return None
+    return scheme, host, port if port is not None else _DEFAULT_PORTS[scheme]
 
 
 def revocation_url(token: Token, auth_url: str) -> str:
@@ -25,8 +39,8 @@ def revocation_url(token: Token, auth_url: str) -> str:
 
     The request carries the client secret, so the ``iss`` claim (unverified, and maybe
     read from a shared backend others can write to) is followed only when it is the
-    token endpoint's own host or Commerce Layer's ``auth.`` host, over https (plain
-    http to loopback only). Any other ``iss`` falls back to the auth_url's origin.
+    token endpoint's exact origin: same scheme, host and port. Any other ``iss`` (another
+    port of the same host included) falls back to the auth_url's origin.
 
     Args:
         token: the token to revoke.
@@ -38,23 +52,24 @@ def revocation_url(token: Token, auth_url: str) -> str:
     iss = claims.iss if claims is not None else None
     if not iss:
         return fallback
-    parts = urlsplit(iss)
-    host = (parts.hostname or "").lower()
     problem = auth_url_problem(iss)
-    if problem is not None or parts.query or parts.fragment:
+    if problem is None and (len(iss) > 512 or not iss.isprintable()):
+        problem = "is over 512 characters or has control characters"
+    if problem is not None or "?" in iss or "#" in iss:
         logger.warning(
-            "revoking at %s, not at the token's issuer %r: the issuer URL %s",
+            "revoking at %s, not at the token's issuer %s: the issuer URL %s",
             fallback,
-            iss,
+            safe_text(repr(iss)),
             problem or "has a query or fragment",
         )
         return fallback
-    commerce_layer = host.startswith("auth.") and (
-        host[5:] == _CL_DOMAIN or host[5:].endswith("." + _CL_DOMAIN)
-    )
-    if host == (auth.hostname or "").lower() or commerce_layer:
+    if _origin(iss) == _origin(auth_url):
         return iss.rstrip("/") + "/oauth/revoke"
-    logger.debug("revoking at %s: the token's issuer %r is another host", fallback, iss)
+    logger.debug(
+        "revoking at %s: the token's issuer %s is another origin",
+        fallback,
+        safe_text(repr(iss)),
+    )
     return fallback
 
 
@@ -67,8 +82,12 @@ async def revoke_token(
     client_secret: str | None,
     timeout: float,
     form: bool = False,
+    value: str | None = None,
 ) -> None:
     """Revoke ``token`` at its issuer's ``/oauth/revoke`` (see ``revocation_url``).
+
+    ``value`` revokes another token of the same issuer instead (a customer's refresh
+    token): ``token`` then only says where.
 
     Args:
         session: the session that sends the request.
@@ -84,11 +103,12 @@ async def revoke_token(
         TokenEndpointError: any other non-2xx answer, a timeout or a connection failure.
     """
     url = revocation_url(token, auth_url)
-    body = {"client_id": client_id, "token": token.access_token}
+    revoked = token.access_token if value is None else value
+    body = {"client_id": client_id, "token": revoked}
     if client_secret is not None:
         body["client_secret"] = client_secret
 
-    redact = redactor(client_secret, token.access_token)
+    redact = redactor(client_secret, token.access_token, revoked)
 
     answer = await post(
         session,
@@ -101,7 +121,7 @@ async def revoke_token(
         redact=redact,
     )
     if 200 <= answer.status < 300:
-        logger.info("revoked token %s", fingerprint(token.access_token))
+        logger.info("revoked token %s", fingerprint(revoked))
         return
     raise error_for(
         answer,

@@ -17,10 +17,11 @@ from typing import Any
 
 from ._endpoint import BodyEncoding, auth_url_problem
 from ._errors import ConfigurationError
+from ._http import safe_text
 from ._manager import DEFAULT_AUTH_URL
 from ._tuning import Tuning, tuning_problems
 from .backends import known_schemes
-from .backends._base import redact_url
+from .backends._base import redact_url, split_userinfo
 from .backends._file import file_url_problem
 
 __all__ = ["ENV_NAMES", "Settings"]
@@ -138,7 +139,8 @@ class Settings(Tuning):
             if key in ENV_NAMES:
                 continue
             close = difflib.get_close_matches(key, known, n=1) if isinstance(key, str) else []
-            unknown.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            shown = safe_text(repr(key), 40)
+            unknown.append(shown + (f" (did you mean {close[0]!r}?)" if close else ""))
         if unknown:
             raise ConfigurationError(
                 f"unknown settings: {', '.join(unknown)}; known: {', '.join(known)}"
@@ -176,7 +178,7 @@ class Settings(Tuning):
             f"client_id={self.client_id!r}",
             f"client_secret={'<set>' if self.client_secret else None}",
             f"scope={self.scope!r}",
-            f"auth_url={self.auth_url!r}",
+            f"auth_url={redact_url(self.auth_url)!r}",
             f"backend={redact_url(self.backend)!r}",
         ]
         if self.encryption_key:
@@ -252,7 +254,7 @@ def _parse(name: str, raw: Any) -> Any:
         if text.lower() in _FALSE:
             return False
         raise ValueError(f"must be true or false (1/0, yes/no, on/off), not {_shown(raw)}")
-    if name == "attempts":
+    if name in ("attempts", "max_customers"):
         try:
             return int(text)
         except ValueError:
@@ -270,9 +272,23 @@ def _parse(name: str, raw: Any) -> Any:
     return raw  # credentials, scope and URLs are kept exactly as written
 
 
+_PLAIN_WORD = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ -_")
+_PLAIN_NUMBER = frozenset("0123456789.eE+-_ ")
+
+
 def _shown(raw: str) -> str:
-    """A value for an error message: quoted, and cut short (it could be a pasted secret)."""
-    return repr(raw if len(raw) <= 24 else raw[:20] + "...")
+    """A bad value for an error message, or only its length when it may be a secret.
+
+    A value in the wrong variable may be a pasted client secret, key or URL with
+    credentials. Only a short plain word (``maybe``) or number (``-5``, ``1e400``) is
+    quoted; anything else is named by its length, never echoed.
+    """
+    text = raw.strip()
+    chars = set(text)
+    short = len(text) < 8 or (len(text) <= 16 and (chars <= _PLAIN_WORD or chars <= _PLAIN_NUMBER))
+    if short and text.isprintable() and "://" not in text and "@" not in text:
+        return repr(text)
+    return f"a {len(raw)}-character value (not shown: it may be a secret)"
 
 
 def _problems(values: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -318,7 +334,10 @@ def _backend_problems(backend: str, encryption_key: object) -> list[tuple[str, s
     """
     problems: list[tuple[str, str]] = []
     schemes = known_schemes()
-    scheme = backend.split("://", 1)[0].lower() if "://" in backend else None
+    try:
+        scheme: str | None = split_userinfo(backend)[0].lower()
+    except ValueError:
+        scheme = None
     if scheme is None:
         # Not a URL at all: maybe a value pasted into the wrong variable, so cut short.
         problems.append(

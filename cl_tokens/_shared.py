@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from ._clock import Clock
 from ._errors import BackendError
+from ._http import safe_text
+from ._keys import CredentialKeys
 from ._token import Token
 from .backends import LockHandle, TokenBackend
 
@@ -68,8 +71,16 @@ class SharedTier:
         strict: bool,
         timeout: float,
         retry_interval: float,
+        keys: CredentialKeys,
+        backoff_cap: float,
     ) -> None:
         self.backend = backend
+        self._keys = keys
+        self._backoff_cap = backoff_cap
+        self._forged: set[str] = set()  # keys already warned about: one warning each
+        self._renewals: dict[LockHandle, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self._rewrites: dict[str, asyncio.Task[None]] = {}
         self._clock = clock
         self._strict = strict
         self._timeout = timeout
@@ -109,7 +120,9 @@ class SharedTier:
                     "in-process cache and direct fetches until it answers again",
                     self.backend,
                     what,
-                    exc if isinstance(exc, BackendError) else reason,
+                    # The store's own words (a Redis error reply, a path) may carry
+                    # anything: escaped and cut short like a server's.
+                    safe_text(exc) if isinstance(exc, BackendError) else reason,
                 )
             self._down_until = self._clock.monotonic() + self._retry_interval
             return UNAVAILABLE
@@ -119,18 +132,100 @@ class SharedTier:
         return result
 
     async def read(self, key: str) -> Token | None:
+        """The token stored under ``key``, if it carries this credential's MAC."""
         result = await self._call(self.backend.get(key), "read a token")
-        return None if isinstance(result, _Unavailable) else result
+        if isinstance(result, _Unavailable) or result is None:
+            return None
+        if not self._keys.verify(key, result):
+            if key not in self._forged:
+                if len(self._forged) > 1024:
+                    self._forged.clear()
+                self._forged.add(key)
+                logger.warning(
+                    "shared token backend %r holds a value for this credential that "
+                    "does not carry its MAC (written without the client secret, or "
+                    "altered); ignoring it",
+                    self.backend,
+                )
+            return None
+        self._forged.discard(key)
+        return result
 
     async def write(self, key: str, token: Token) -> None:
-        await self._call(self.backend.set(key, token), "write a token")
+        """Store ``token`` under ``key``, sealed with this credential's MAC."""
+        sealed = replace(token, seal=self._keys.seal(key, token))
+        self._cancel_rewrite(key)
+        result = await self._call(self.backend.set(key, sealed), "write a token")
+        if isinstance(result, _Unavailable):
+            # Lost to a failover or a blip: the other processes would each fetch.
+            task = self._later(lambda: self.backend.set(key, sealed))
+            self._rewrites[key] = task
+            task.add_done_callback(
+                lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
+            )
+
+    def _cancel_rewrite(self, key: str) -> None:
+        """A later write or delete of ``key`` supersedes a write still being retried: an
+        invalidated token must never come back from a late retry."""
+        task = self._rewrites.pop(key, None)
+        if task is not None:
+            task.cancel()
+
+    async def backoff(self, key: str) -> float | None:
+        """The shared back-off's ``retry_at`` for ``key`` (wall clock), or None.
+
+        Clamped to ``backoff_cap`` from now: whoever can write the store must not be
+        able to stop the fleet for longer than one back-off.
+        """
+        result = await self._call(self.backend.get_backoff(key), "read a back-off")
+        if isinstance(result, _Unavailable) or result is None:
+            return None
+        now = self._clock.time()
+        if not isinstance(result, float | int) or not result > now:
+            return None
+        return min(float(result), now + self._backoff_cap)
+
+    async def set_backoff(self, key: str, retry_at: float) -> None:
+        await self._call(self.backend.set_backoff(key, retry_at), "write a back-off")
+
+    async def delete(self, key: str) -> bool:
+        """Delete whatever ``key`` holds (a customer's logout)."""
+        self._cancel_rewrite(key)
+        result = await self._call(self.backend.delete(key), "delete a token")
+        return False if isinstance(result, _Unavailable) else result
 
     async def delete_if(self, key: str, access_token: str) -> bool:
+        self._cancel_rewrite(key)
         result = await self._call(self.backend.delete(key, access_token), "delete a token")
         return False if isinstance(result, _Unavailable) else result
 
-    async def acquire(self, key: str, lease: float) -> LockHandle | _Unavailable | None:
-        return await self._call(self.backend.acquire_lock(key, lease=lease), "take a lock")
+    async def acquire(
+        self, key: str, lease: float, hold: float
+    ) -> LockHandle | _Unavailable | None:
+        """Take the lock on ``key`` for ``lease`` seconds, renewed until released or
+        until ``hold`` seconds have passed (the longest a holder may need it)."""
+        handle = await self._call(self.backend.acquire_lock(key, lease=lease), "take a lock")
+        if isinstance(handle, LockHandle):
+            task = asyncio.get_running_loop().create_task(self._renew(handle, lease, hold))
+            self._renewals[handle] = task
+        return handle
+
+    async def _renew(self, handle: LockHandle, lease: float, hold: float) -> None:
+        deadline = self._clock.monotonic() + hold
+        while self._clock.monotonic() + lease / 3 < deadline:
+            await asyncio.sleep(lease / 3)
+            try:
+                still_ours = await within(self.backend.renew_lock(handle, lease=lease), lease / 3)
+            except Exception as exc:  # a missed renewal: the next one may land
+                logger.debug("renewing a backend lock failed: %s", type(exc).__name__)
+                continue
+            if not still_ours:
+                logger.warning(
+                    "shared token backend %r lost a lock while its fetch ran (a failover?); "
+                    "another process may fetch too",
+                    self.backend,
+                )
+                return
 
     async def release(self, handle: LockHandle) -> None:
         """Release a lock, whatever the backend's state: never skipped, never raising.
@@ -139,11 +234,39 @@ class SharedTier:
         lease (a file lock: until the process exits); raising from it would hide the
         error of the fetch it ends.
         """
+        renewal = self._renewals.pop(handle, None)
+        if renewal is not None:
+            renewal.cancel()
         try:
             await within(self.backend.release_lock(handle), self._timeout)
         except Exception as exc:
             logger.warning(
-                "shared token backend %r failed to release a lock (%s); it expires with its lease",
+                "shared token backend %r failed to release a lock (%s); retrying in the "
+                "background, else it expires with its lease",
                 self.backend,
                 type(exc).__name__,
             )
+            self._later(lambda: self.backend.release_lock(handle))
+
+    def _later(
+        self, call: Callable[[], Awaitable[object]], budget: float = 5.0
+    ) -> asyncio.Task[None]:
+        """Retry ``call`` in the background for up to ``budget`` seconds: a write or a
+        release lost to a failover costs the fleet a wait or a fetch if never retried."""
+
+        async def retry() -> None:
+            end = self._clock.monotonic() + budget
+            delay = 0.1
+            while self._clock.monotonic() + delay < end:
+                await asyncio.sleep(delay)
+                try:
+                    await within(call(), self._timeout)
+                except Exception:
+                    delay = min(2 * delay, 1.0)
+                    continue
+                return
+
+        task = asyncio.get_running_loop().create_task(retry())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task

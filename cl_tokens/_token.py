@@ -21,6 +21,17 @@ MAX_TOKEN_LENGTH = 16 * 1024
 _B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 
 
+def refresh_token_problem(refresh_token: object) -> str | None:
+    """Why ``refresh_token`` cannot be stored and sent back, or None (never quoting it)."""
+    if not isinstance(refresh_token, str) or not refresh_token:
+        return "refresh_token is not a non-empty string"
+    if len(refresh_token) > 4096:
+        return "refresh_token is longer than 4096 characters"
+    if _B64TOKEN.fullmatch(refresh_token) is None:
+        return "refresh_token has characters a token may not contain"
+    return None
+
+
 def token_value_problem(access_token: object, token_type: object) -> str | None:
     """Why ``access_token``/``token_type`` cannot go into an Authorization header, or None.
 
@@ -177,6 +188,14 @@ class Token:
         lifetime: ``expires_in`` as received, in seconds; the refresh window and the
             safety margin are fractions of it, so every process computes the same ones.
             0 when unknown: the margin and window then apply unclamped.
+        seal: the MAC a shared backend's value carries (see ``_keys``); None for a
+            token fresh from the endpoint or from a store without MACs.
+        refresh_token: a customer token's refresh token (never shown by ``repr``);
+            single-use: Commerce Layer rotates it on every renewal.
+        refresh_expires_at: until when the refresh token may be used (unix seconds);
+            stores keep a customer's entry until then.
+        owner_id: the customer (or user) the token acts for; None for the app's own.
+        owner_type: ``"Customer"`` or ``"User"``; None for the app's own token.
     """
 
     access_token: str = field(repr=False)
@@ -185,6 +204,11 @@ class Token:
     expires_at: float
     created_at: float | None = None
     lifetime: float = 0.0
+    seal: str | None = field(default=None, repr=False, compare=False)
+    refresh_token: str | None = field(default=None, repr=False)
+    refresh_expires_at: float | None = None
+    owner_id: str | None = None
+    owner_type: str | None = None
     # Built once: thousands of callers woken by one fetch each need it.
     _authorization: str = field(init=False, repr=False, compare=False)
 
@@ -194,6 +218,19 @@ class Token:
             raise ValueError(problem)
         if not isinstance(self.expires_at, float | int) or not math.isfinite(self.expires_at):
             raise ValueError("expires_at must be a finite number")
+        if self.refresh_token is not None:
+            problem = refresh_token_problem(self.refresh_token)
+            if problem is not None:
+                raise ValueError(problem)
+        for name in ("owner_id", "owner_type"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, str)
+                or not value
+                or len(value) > 256
+                or not value.isprintable()
+            ):
+                raise ValueError(f"{name} must be a printable string of at most 256 characters")
         if not self.lifetime > 0:
             # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
@@ -229,6 +266,14 @@ class Token:
         claims = self.claims
         return claims.provisioning_api_url if claims is not None else None
 
+    @property
+    def keep_until(self) -> float:
+        """Until when a store keeps this token: its expiry, or for a customer token the
+        refresh token's, which outlives it (the pair renews the access token)."""
+        if self.refresh_token is not None and self.refresh_expires_at is not None:
+            return max(self.expires_at, self.refresh_expires_at)
+        return self.expires_at
+
     def seconds_left(self, now: float) -> float:
         return self.expires_at - now
 
@@ -241,6 +286,11 @@ class Token:
             "expires_at": self.expires_at,
             "created_at": self.created_at,
             "lifetime": self.lifetime,
+            "seal": self.seal,
+            "refresh_token": self.refresh_token,
+            "refresh_expires_at": self.refresh_expires_at,
+            "owner_id": self.owner_id,
+            "owner_type": self.owner_type,
         }
 
     @classmethod
@@ -255,10 +305,18 @@ class Token:
             created = data.get("created_at")
             token_type = data.get("token_type") or "Bearer"
             scope = data.get("scope")
+            seal = data.get("seal")
+            refresh = data.get("refresh_token")
+            refresh_until = data.get("refresh_expires_at")
+            refresh_expires_at = None if refresh_until is None else float(refresh_until)
+            owner_id = data.get("owner_id")
+            owner_type = data.get("owner_type")
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"stored token is incomplete: {type(exc).__name__}") from None
         if not isinstance(token_type, str) or (scope is not None and not isinstance(scope, str)):
             raise ValueError("stored token has fields of the wrong type")
+        if seal is not None and (not isinstance(seal, str) or len(seal) > 128):
+            raise ValueError("stored token has a malformed seal")
         return cls(
             access_token=access_token,
             token_type=token_type,
@@ -266,4 +324,9 @@ class Token:
             expires_at=expires_at,
             created_at=float(created) if isinstance(created, (int, float)) else None,
             lifetime=lifetime,
+            seal=seal,
+            refresh_token=refresh,
+            refresh_expires_at=refresh_expires_at,
+            owner_id=owner_id,
+            owner_type=owner_type,
         )

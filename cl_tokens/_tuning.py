@@ -37,10 +37,15 @@ class Tuning:
         attempt_timeout: the time one request may take.
         auth_failure_cooldown: after the credentials are rejected, calls fail fast with
             the same error for this long instead of calling the endpoint again.
-        lock_lease: how long a shared-backend lock lives if its holder dies; at least
-            ``fetch_deadline + 2 * backend_timeout`` (the holder reads, fetches and
-            writes under it), so a lock never expires under a fetch still running,
-            which would let a second process fetch too.
+        throttle_cap: the longest back-off after a 429 or a fetch whose attempts all
+            failed. The back-off doubles from ``backoff_base`` with each failed fetch up
+            to this cap; a ``Retry-After`` sets it directly, clamped to the cap. It is
+            written to the shared backend, so the whole fleet honours it.
+        lock_lease: the lease of a shared-backend lock. The holder renews it every
+            third of a lease while its fetch runs (at most ``fetch_deadline + 2 *
+            backend_timeout``), so a lock orphaned by a killed holder or a Redis
+            failover delays the others by one lease at most. At least
+            ``2 * backend_timeout``, so a renewal has time to land.
         lock_wait: how long to wait for another process's fetch before fetching
             directly (None: ``fetch_deadline + 2 * backend_timeout + 1``).
         lock_poll_interval: how often a process waiting on another's fetch re-reads the
@@ -58,6 +63,10 @@ class Tuning:
             Off, every call checks the clocks (about 1 µs instead of 0.15 µs).
         strict: raise ``BackendError`` when the shared backend fails, instead of
             warning once and carrying on without it.
+        max_customers: the most customer tokens held in this process (least recently
+            renewed or logged in first out); the shared backend keeps the rest.
+        allow_plaintext_refresh_tokens: let a file or Redis backend without an
+            ``encryption_key`` store customers' refresh tokens (credentials) in clear.
     """
 
     safety_margin: float = 30.0
@@ -70,7 +79,8 @@ class Tuning:
     fetch_deadline: float = 30.0
     attempt_timeout: float = 10.0
     auth_failure_cooldown: float = 10.0
-    lock_lease: float = 60.0
+    throttle_cap: float = 60.0
+    lock_lease: float = 6.0
     lock_wait: float | None = None
     lock_poll_interval: float = 0.01
     backend_timeout: float = 2.0
@@ -78,6 +88,8 @@ class Tuning:
     clock_check_interval: float = 1.0
     hot_tier: bool = True
     strict: bool = False
+    max_customers: int = 10_000
+    allow_plaintext_refresh_tokens: bool = False
 
     def __post_init__(self) -> None:
         problems = tuning_problems(self)
@@ -110,10 +122,10 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
     for f in fields(tuning):
         value = getattr(tuning, f.name)
-        if f.name in ("strict", "hot_tier"):
+        if f.name in ("strict", "hot_tier", "allow_plaintext_refresh_tokens"):
             if not isinstance(value, bool):
                 problems.append((f.name, "must be true or false"))
-        elif f.name == "attempts":
+        elif f.name in ("attempts", "max_customers"):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 problems.append((f.name, "must be a whole number of at least 1"))
         elif f.name == "lock_wait" and value is None:
@@ -126,12 +138,12 @@ def tuning_problems(tuning: Tuning) -> list[tuple[str, str]]:
             problems.append((f.name, "must be greater than 0"))
     if not problems and tuning.backoff_cap < tuning.backoff_base:
         problems.append(("backoff_cap", "must be at least backoff_base"))
-    if not problems and tuning.lock_lease < tuning.longest_hold:
+    if not problems and tuning.lock_lease < 2 * tuning.backend_timeout:
         problems.append(
             (
                 "lock_lease",
-                "must be at least fetch_deadline + 2 x backend_timeout "
-                f"({tuning.longest_hold:g} s): a lock must outlive the fetch it guards",
+                f"must be at least 2 x backend_timeout ({2 * tuning.backend_timeout:g} s): "
+                "the holder renews it every third of a lease",
             )
         )
     return problems

@@ -16,6 +16,7 @@ over) build their own instead of using these.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -71,11 +72,9 @@ def _port_free(port: int) -> bool:
 def _wait(what: str, check: Callable[[], bool], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
-        try:
+        with contextlib.suppress(Exception):  # not up yet: ask again
             if check():
                 return
-        except Exception:
-            pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(0.05)

@@ -98,7 +98,7 @@ async def _holder_killed_mid_fetch(backend_url: str, lease: float) -> float:
             stderr=asyncio.subprocess.DEVNULL,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
-        key = cache_key(server.url, server.client_id, None)
+        key = cache_key(server.url, server.client_id, None, server.client_secret)
         async with backend_from_url(backend_url) as backend:
             deadline = time.monotonic() + 20
             while server.token_requests == 0:  # the holder has the lock once it asks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -10,6 +11,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -19,7 +21,7 @@ from backend_contract import make_token
 from cryptography.fernet import Fernet
 
 from cl_tokens import BackendError, ConfigurationError
-from cl_tokens.backends import FileBackend, backend_from_url
+from cl_tokens.backends import FileBackend, _file, backend_from_url
 from cl_tokens.backends._codec import FernetCodec, JSONCodec, make_codec
 from cl_tokens.backends._file import _stem
 
@@ -51,10 +53,36 @@ DAMAGED = {
 }
 
 
+def _with_field(name: str, raw: str) -> bytes:
+    """A stored token whose field ``name`` is the JSON text ``raw``."""
+    fields = {k: json.dumps(v) for k, v in make_token().to_dict().items()}
+    fields[name] = raw
+    inner = ",".join(f'"{k}":{v}' for k, v in fields.items())
+    return b'{"v":1,"token":{' + inner.encode() + b"}}"
+
+
+# Junk that once escaped as RecursionError/OverflowError (issue 11): numbers no float
+# holds, and nesting deep enough to break a recursive parser, inside a valid envelope.
+HUGE = "9" * 400
+DAMAGED.update(
+    {
+        "400-digit-created-at": _with_field("created_at", HUGE),
+        "400-digit-expires-at": _with_field("expires_at", HUGE),
+        "400-digit-lifetime": _with_field("lifetime", HUGE),
+        "400-digit-version": b'{"v":' + HUGE.encode() + b',"token":{}}',
+        "deep-access-token": _with_field("access_token", "[" * 1000 + "]" * 1000),
+        "deep-scope": _with_field("scope", "{" + '"a":{' * 5000 + "}" * 5001),
+        "deep-token": b'{"v":1,"token":' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    }
+)
+
+
 @pytest.mark.parametrize("data", list(DAMAGED.values()), ids=list(DAMAGED))
 async def test_damaged_file_is_a_miss_then_overwritten(backend: FileBackend, data: bytes) -> None:
     backend.directory.mkdir(parents=True)
-    (backend.directory / FILE).write_bytes(data)
+    path = backend.directory / FILE
+    path.write_bytes(data)
+    os.chmod(path, 0o600)  # as this backend writes it: the codec, not the mode, decides
     assert await backend.get(KEY) is None
     assert await backend.delete(KEY, "whatever") is False
     token = make_token()
@@ -115,47 +143,6 @@ async def test_existing_private_directory_is_used_without_warning(
     assert _directory_warnings(caplog) == []
 
 
-async def test_world_writable_directory_is_warned_about_once_and_still_used(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    caplog.set_level(logging.WARNING, logger="cl_tokens")
-    directory = tmp_path / "shared"
-    directory.mkdir()
-    directory.chmod(0o777)
-    token = make_token()
-    async with FileBackend(directory) as backend:
-        await backend.set(KEY, token)
-        handle = await backend.acquire_lock(KEY, lease=5)
-        assert handle is not None
-        await backend.release_lock(handle)
-        await backend.set(KEY, token)
-        assert await backend.get(KEY) == token  # still works
-    warnings = _directory_warnings(caplog)
-    assert len(warnings) == 1  # once per backend, not per write
-    assert str(directory) in warnings[0]
-    assert "writable by its group or others (mode 0777)" in warnings[0]
-    assert token.access_token not in caplog.text
-    assert stat.S_IMODE(directory.stat().st_mode) == 0o777  # left as the user made it
-    async with FileBackend(directory) as another:  # each backend says it once
-        await another.set(KEY, token)
-    assert len(_directory_warnings(caplog)) == 2
-
-
-async def test_directory_owned_by_another_user_is_warned_about(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    caplog.set_level(logging.WARNING, logger="cl_tokens")
-    directory = tmp_path / "theirs"
-    directory.mkdir(mode=0o700)
-    owner = directory.stat().st_uid
-    monkeypatch.setattr(os, "geteuid", lambda: owner + 1)
-    async with FileBackend(directory) as backend:
-        await backend.set(KEY, make_token())
-    (warning,) = _directory_warnings(caplog)
-    assert f"is owned by uid {owner}, not by this user ({owner + 1})" in warning
-    assert "writable" not in warning
-
-
 async def test_writes_leave_no_temporary_files(backend: FileBackend) -> None:
     await asyncio.gather(*(backend.set(KEY, make_token()) for _ in range(30)))
     names = {p.name for p in backend.directory.iterdir()}
@@ -169,7 +156,7 @@ async def test_failed_write_keeps_the_old_token_and_no_temp_file(
     old = make_token()
     await backend.set(KEY, old)
 
-    def broken_replace(src: str, dst: str) -> None:
+    def broken_replace(src: str, dst: str, **dir_fds: int) -> None:
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
@@ -189,13 +176,34 @@ async def test_missing_directory_is_a_miss(backend: FileBackend) -> None:
     assert not backend.directory.exists()
 
 
-async def test_os_errors_become_backend_errors(backend: FileBackend) -> None:
-    (backend.directory / FILE).mkdir(parents=True)  # a directory where the file goes
-    with pytest.raises(BackendError, match="could not read") as caught:
-        await backend.get(KEY)
-    assert isinstance(caught.value.__cause__, IsADirectoryError)
-    with pytest.raises(BackendError, match="could not write"):
+async def test_os_errors_become_backend_errors(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    backend = FileBackend(blocker)  # a file where the directory goes
+    calls = {
+        "read": backend.get(KEY),
+        "write": backend.set(KEY, make_token()),
+        "delete": backend.delete(KEY, "token"),
+        "lock": backend.acquire_lock(KEY, lease=1),
+        "read the back-off of": backend.get_backoff(KEY),
+        "write the back-off of": backend.set_backoff(KEY, time.time() + 5),
+    }
+    for action, call in calls.items():
+        with pytest.raises(BackendError, match=f"could not {action} ") as caught:
+            await call
+        assert isinstance(caught.value.__cause__, NotADirectoryError), action
+
+
+async def test_a_directory_at_the_token_path_is_a_miss_and_a_failed_write(
+    backend: FileBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="cl_tokens")
+    (backend.directory / FILE).mkdir(parents=True)
+    assert await backend.get(KEY) is None
+    assert "is not a regular file" in caplog.text
+    with pytest.raises(BackendError, match="could not write") as caught:
         await backend.set(KEY, make_token())
+    assert isinstance(caught.value.__cause__, IsADirectoryError)
 
 
 async def test_same_process_acquires_conflict(tmp_path: Path) -> None:
@@ -218,13 +226,13 @@ async def test_same_process_acquires_conflict(tmp_path: Path) -> None:
 async def test_cancelled_acquire_leaves_the_key_unlocked(
     backend: FileBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real = backend._ensure_dir
+    real = backend._take_lock
 
-    def slow_ensure_dir() -> None:
+    def slow_take_lock(key: str) -> int | None:
         time.sleep(0.3)
-        real()
+        return real(key)
 
-    monkeypatch.setattr(backend, "_ensure_dir", slow_ensure_dir)
+    monkeypatch.setattr(backend, "_take_lock", slow_take_lock)
     task = asyncio.create_task(backend.acquire_lock(KEY, lease=10))
     await asyncio.sleep(0.05)
     task.cancel()
@@ -319,11 +327,17 @@ def test_bad_file_urls(url: str) -> None:
 
 
 def test_codec_never_raises_on_junk() -> None:
-    codecs = [JSONCodec(), make_codec(Fernet.generate_key())]
+    key = Fernet.generate_key()
+    codecs = [JSONCodec(), make_codec(key)]
     samples = [*DAMAGED.values(), os.urandom(64), b"gAAAAA" + os.urandom(80), b"\xff" * 10]
     for codec in codecs:
         for data in samples:
             assert codec.decode(data) is None
+    # Junk sealed with the right key: decrypts, then must still be a miss.
+    sealed = make_codec(key)
+    for name, data in DAMAGED.items():
+        if name != "encrypted-elsewhere":
+            assert sealed.decode(Fernet(key).encrypt(data)) is None, name
 
 
 def test_bad_encryption_key_is_a_configuration_error() -> None:
@@ -346,19 +360,17 @@ def test_missing_cryptography_names_the_extra(monkeypatch: pytest.MonkeyPatch) -
 async def test_a_hung_filesystem_does_not_pile_up_threads(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import threading
-
     from cl_tokens._shared import within
-    from cl_tokens.backends import _file
 
     hung = threading.Event()
 
-    def stuck_read(path: Path) -> bytes | None:
+    def stuck_read(*args: object) -> bytes | None:
         hung.wait(10)  # a read on a filesystem that does not answer
         return None
 
-    monkeypatch.setattr(_file, "_read", stuck_read)
+    monkeypatch.setattr(_file, "read_regular", stuck_read)
     backend = FileBackend(tmp_path / "tokens")
+    backend.directory.mkdir(mode=0o700)
     before = threading.active_count()
     for _ in range(_file._MAX_STUCK):
         with pytest.raises(asyncio.TimeoutError):
@@ -377,3 +389,98 @@ async def test_a_hung_filesystem_does_not_pile_up_threads(
             await asyncio.sleep(0.01)
     else:
         pytest.fail("the backend never recovered once the threads returned")
+
+
+async def test_every_failure_is_a_backend_error_with_its_cause(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    token = make_token()
+    await backend.set(KEY, token)
+    handle = await backend.acquire_lock(KEY, lease=5)
+    assert handle is not None
+
+    async def broken_run(func: object, *args: object) -> None:
+        raise RuntimeError("not an OSError")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend._threads, "run", broken_run)
+        calls = {
+            "get": backend.get(KEY),
+            "set": backend.set(KEY, token),
+            "delete": backend.delete(KEY),
+            "delete_if": backend.delete(KEY, token.access_token),
+            "acquire_lock": backend.acquire_lock(KEY, lease=5),
+            "get_backoff": backend.get_backoff(KEY),
+            "set_backoff": backend.set_backoff(KEY, time.time() + 5),
+        }
+        for name, call in calls.items():
+            with pytest.raises(BackendError) as caught:
+                await call
+            assert isinstance(caught.value.__cause__, RuntimeError), name
+
+    def broken_codec(*args: object) -> None:
+        raise KeyError("a codec bug")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend._codec, "decode", broken_codec)
+        patch.setattr(backend._codec, "encode", broken_codec)
+        for call in (backend.get(KEY), backend.set(KEY, token)):
+            with pytest.raises(BackendError) as caught:
+                await call
+            assert isinstance(caught.value.__cause__, KeyError)
+
+    def broken_flock(fd: int, operation: int) -> None:
+        raise OSError(5, "I/O error")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(_file.fcntl, "flock", broken_flock)
+        with pytest.raises(BackendError, match="could not unlock") as caught:
+            await backend.release_lock(handle)
+        assert isinstance(caught.value.__cause__, OSError)
+    assert await backend.get(KEY) == token
+
+
+async def test_a_cancelled_call_is_cancelled_not_wrapped(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await backend.set(KEY, make_token())
+    release = threading.Event()
+
+    def slow_read(*args: object) -> bytes | None:
+        release.wait(10)
+        return None
+
+    monkeypatch.setattr(_file, "read_regular", slow_read)
+    task = asyncio.ensure_future(backend.get(KEY))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    release.set()
+
+
+async def test_every_open_refuses_symlinks_and_closes_on_exec(
+    backend: FileBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    opened: list[tuple[str, int]] = []
+    real_open = os.open
+
+    def recording_open(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        opened.append((str(path), flags))
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", recording_open)
+    token = make_token()
+    await backend.set(KEY, token)
+    assert await backend.get(KEY) == token
+    handle = await backend.acquire_lock(KEY, lease=5)
+    assert handle is not None
+    await backend.release_lock(handle)
+    await backend.set_backoff(KEY, time.time() + 5)
+    assert await backend.get_backoff(KEY) is not None
+    assert await backend.delete(KEY, token.access_token) is True
+    suffixes = {Path(path).suffix for path, _ in opened}
+    assert {".json", ".lock", ".mutex", ".backoff", ".tmp", ""} <= suffixes  # "": the dir
+    for path, flags in opened:
+        assert flags & os.O_NOFOLLOW, path
+        assert flags & os.O_CLOEXEC, path

@@ -406,8 +406,19 @@ async def test_revoke_unreachable_endpoint_is_a_token_endpoint_error() -> None:
         ),
         pytest.param(
             "https://auth.commercelayer.io",
-            "https://auth.commercelayer.io/oauth/revoke",
-            id="commerce-layer",
+            "https://auth.example.com/oauth/revoke",
+            id="commerce-layer-is-another-origin",
+        ),
+        pytest.param(
+            "https://auth.example.com/\x1b[2J", "https://auth.example.com/oauth/revoke", id="escape"
+        ),
+        pytest.param(
+            "https://auth.example.com:8443",
+            "https://auth.example.com/oauth/revoke",
+            id="same-host-other-port",
+        ),
+        pytest.param(
+            "https://auth.example.com:443", "https://auth.example.com:443/oauth/revoke", id="port"
         ),
         pytest.param(
             "http://auth.commercelayer.io",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -13,6 +14,9 @@ import pytest
 from aiohttp import web
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from raw_http import RawHTTPServer, Reply
 
 from cl_tokens import ConfigurationError, Token, TokenError
 from cl_tokens._jwks import JWKSVerifier
@@ -58,6 +62,7 @@ class Issuer:
     url: str
     keys: list[dict[str, str]]
     fetches: int = 0
+    raw: bytes | None = None  # sent instead of {"keys": keys} when set
 
     def claims(self, **extra: Any) -> dict[str, Any]:
         return {"iss": self.url, "exp": time.time() + 3600, "scope": "market:all", **extra}
@@ -69,6 +74,8 @@ async def issuer(key: rsa.RSAPrivateKey) -> AsyncIterator[Issuer]:
 
     async def jwks(request: web.Request) -> web.Response:
         state.fetches += 1
+        if state.raw is not None:
+            return web.Response(body=state.raw, content_type="application/json")
         return web.json_response({"keys": state.keys})
 
     app = web.Application()
@@ -188,3 +195,144 @@ def test_issuers_must_be_https_or_loopback() -> None:
         JWKSVerifier(issuers=["http://auth.example.com"])
     with pytest.raises(ConfigurationError):
         JWKSVerifier(issuers="https://auth.commercelayer.io")
+
+
+# -- hostile tokens and key sets: a TokenError, never another exception ------------------
+
+
+def _segment(text: str) -> str:
+    return _b64(text.encode())
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+_RS512 = _segment(json.dumps({"alg": "RS512", "kid": "k"}))
+
+
+@pytest.mark.parametrize(
+    "access",
+    [
+        pytest.param(_segment(_nested(1000)) + ".e30.c2ln", id="1000-deep-header"),
+        pytest.param(
+            _RS512 + "." + _segment('{"x": ' + _nested(1000) + "}") + ".c2ln",
+            id="1000-deep-payload",
+        ),
+        pytest.param(_segment('{"alg": NaN}') + ".e30.c2ln", id="NaN"),
+        pytest.param("e30." * 2 + "c2ln" + "A" * 70_000, id="70-KB"),
+    ],
+)
+async def test_a_hostile_token_is_a_token_error(access: str) -> None:
+    async with JWKSVerifier() as verifier:
+        with pytest.raises(TokenError):
+            await verifier.verify(access)
+
+
+async def test_a_huge_or_nan_exp_is_a_token_error_without_fetching(
+    issuer: Issuer, key: rsa.RSAPrivateKey
+) -> None:
+    header = _segment(json.dumps({"alg": "RS512", "kid": "k1"}))
+    async with JWKSVerifier(issuers=[issuer.url]) as verifier:
+        for exp in ("9" * 400, "1e999", '"soon"', "true"):
+            payload = _segment(f'{{"iss": "{issuer.url}", "exp": {exp}}}')
+            with pytest.raises(TokenError, match="exp"):
+                await verifier.verify(f"{header}.{payload}.c2ln")
+    assert issuer.fetches == 0
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(('{"keys": ' + _nested(1000) + "}").encode(), id="1000-deep"),
+        pytest.param(b'{"keys": [{"kty": "RSA", "kid": "k1", "n": NaN, "e": "AQAB"}]}', id="NaN"),
+        pytest.param(b'{"keys": "' + b"x" * 70_000 + b'"}', id="70-KB"),
+        pytest.param(
+            b'{"keys": [{"kty": "RSA", "kid": "k1", "n": "!!", "e": "AQAB"}]}', id="junk-n"
+        ),
+        pytest.param(b'{"keys": [{"kty": "RSA", "kid": "k1", "n": "AA", "e": "AA"}]}', id="zero-n"),
+        pytest.param(b"\xff\xfe", id="not-utf8"),
+    ],
+)
+async def test_a_hostile_key_set_is_a_token_error(
+    issuer: Issuer, key: rsa.RSAPrivateKey, raw: bytes
+) -> None:
+    issuer.raw = raw
+    async with JWKSVerifier(issuers=[issuer.url]) as verifier:
+        with pytest.raises(TokenError) as info:
+            await verifier.verify(sign(issuer.claims(), key))
+    assert len(str(info.value)) < 300
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    parts=st.lists(
+        st.text(max_size=60)
+        | st.binary(max_size=60).map(_b64)
+        | st.text(max_size=60).map(_segment)
+        | st.integers(1, 2000).map(lambda depth: _segment(_nested(depth))),
+        min_size=1,
+        max_size=4,
+    )
+)
+def test_any_string_is_a_payload_or_a_token_error(parts: list[str]) -> None:
+    async def verify() -> None:
+        # Trusts only a loopback issuer nobody names: no key set is ever fetched.
+        async with JWKSVerifier(issuers=["http://127.0.0.1:9"]) as verifier:
+            with pytest.raises(TokenError) as info:
+                await verifier.verify(".".join(parts))
+        assert str(info.value).isprintable()
+        assert len(str(info.value)) < 400
+
+    asyncio.run(verify())
+
+
+# -- single flight and the remembered failure ------------------------------------------
+
+
+async def test_eight_verifies_against_a_hung_key_set_send_one_request_and_fail_together(
+    key: rsa.RSAPrivateKey,
+) -> None:
+    clock = FakeClock()
+    async with RawHTTPServer([Reply(hang=True)]) as server:
+        claims = {"iss": server.base_url, "exp": time.time() + 600}
+        async with JWKSVerifier(
+            issuers=[server.base_url], timeout=1.0, failure_ttl=10, clock=clock
+        ) as verifier:
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(verifier.verify(sign(claims, key)) for _ in range(8)), return_exceptions=True
+            )
+            elapsed = time.monotonic() - started
+            assert all(isinstance(r, TokenError) and "did not answer" in str(r) for r in results)
+            assert len(server.requests) == 1
+            # One timeout for all eight (before, they waited 1, 2 ... 8 timeouts in turn).
+            assert elapsed < 5
+            # Remembered: the next verify fails at once, and sends nothing.
+            with pytest.raises(TokenError, match="remembered"):
+                await asyncio.wait_for(verifier.verify(sign(claims, key)), 0.5)
+            assert len(server.requests) == 1
+            clock.now += 11  # failure_ttl has passed: one new attempt
+            with pytest.raises(TokenError, match="did not answer"):
+                await verifier.verify(sign(claims, key))
+            assert len(server.requests) == 2
+
+
+async def test_a_cancelled_verify_leaves_the_fetch_to_the_others(
+    issuer: Issuer, key: rsa.RSAPrivateKey
+) -> None:
+    async with JWKSVerifier(issuers=[issuer.url]) as verifier:
+        first = asyncio.create_task(verifier.verify(sign(issuer.claims(), key)))
+        second = asyncio.create_task(verifier.verify(sign(issuer.claims(), key)))
+        await asyncio.sleep(0)
+        first.cancel()
+        assert (await second)["iss"] == issuer.url
+    assert issuer.fetches == 1
+
+
+async def test_a_chunked_key_set_in_parts_verifies(key: rsa.RSAPrivateKey) -> None:
+    keys = {"keys": [_jwk(key, "k1")]}
+    async with RawHTTPServer([Reply.json(keys, parts=4, chunked=True)]) as server:
+        claims = {"iss": server.base_url, "exp": time.time() + 600}
+        async with JWKSVerifier(issuers=[server.base_url]) as verifier:
+            assert (await verifier.verify(sign(claims, key)))["iss"] == server.base_url

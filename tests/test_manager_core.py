@@ -7,11 +7,20 @@ import gc
 import logging
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 
 import aiohttp
 import pytest
 
-from cl_tokens import AuthenticationError, ConfigurationError, Token, TokenError, TokenManager
+from cl_tokens import (
+    AuthenticationError,
+    ConfigurationError,
+    Token,
+    TokenEndpointError,
+    TokenError,
+    TokenManager,
+)
+from cl_tokens.backends import MemoryBackend
 from cl_tokens.testing import FakeAuthServer
 
 SECRET = "test-client-secret"  # the one tests/conftest.py gives the server
@@ -122,14 +131,21 @@ async def test_a_fetch_whose_callers_all_left_still_caches_its_token(
     assert server.token_requests == 1
 
 
-async def test_a_failed_flight_reaches_every_waiter_and_caches_nothing(
+async def test_a_failed_flight_reaches_every_waiter_then_backs_off(
     server: FakeAuthServer, make_manager: MakeManager
 ) -> None:
-    manager = make_manager(attempts=1)
+    manager = make_manager(attempts=1, backoff_base=0.2)
     server.fail_next(1, 500)
     results = await asyncio.gather(*(manager.header() for _ in range(20)), return_exceptions=True)
     assert server.token_requests == 1
     assert all(isinstance(r, TokenError) and "HTTP 500" in str(r) for r in results)
+    # Within the back-off: failing fast, no request, and told when to come back.
+    with pytest.raises(TokenEndpointError) as caught:
+        await manager.header()
+    assert server.token_requests == 1
+    assert caught.value.retry_after is not None
+    assert 0 < caught.value.retry_after <= 0.2
+    await asyncio.sleep(caught.value.retry_after + 0.01)
     assert (await manager.header())["Authorization"] == f"Bearer {server.issued[0]}"
     assert server.token_requests == 2
 
@@ -394,3 +410,34 @@ async def test_token_is_frozen_and_carries_claims(make_manager: MakeManager) -> 
     assert token.claims is not None
     assert token.claims.organization_slug == "fake-org"
     assert token.claims.market_ids == ("xYZkjABcde",)
+
+
+async def test_encryption_key_is_a_keyword_argument(tmp_path: Path) -> None:
+    pytest.importorskip("cryptography")
+    from cryptography.fernet import Fernet
+
+    directory = tmp_path / "tokens"
+    key = Fernet.generate_key()
+    async with FakeAuthServer() as server:
+        manager = TokenManager(
+            server.client_id,
+            server.client_secret,
+            auth_url=server.url,
+            backend=f"file://{directory}",
+            encryption_key=key,
+        )
+        token = await manager.token()
+        await manager.aclose()
+    stored = b"".join(p.read_bytes() for p in directory.iterdir() if p.suffix == ".json")
+    assert stored
+    assert token.access_token.encode() not in stored
+    with pytest.raises(ConfigurationError, match="encryption_key"):
+        TokenManager("c", "s", backend=MemoryBackend(), encryption_key=key)
+    with pytest.raises(ConfigurationError, match="twice"):
+        TokenManager(
+            "c",
+            "s",
+            backend=f"file://{directory}",
+            encryption_key=key,
+            backend_options={"encryption_key": key},
+        )

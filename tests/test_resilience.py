@@ -280,11 +280,15 @@ async def test_the_fetch_deadline_bounds_all_attempts(server: FakeAuthServer) ->
     assert server.token_requests <= 3
 
 
-async def test_a_transient_failure_is_not_cached(server: FakeAuthServer) -> None:
+async def test_a_transient_failure_backs_off_then_recovers(server: FakeAuthServer) -> None:
     server.fail_next(3, 503)
     async with manager_for(server) as manager:
         with pytest.raises(TokenEndpointError):
             await manager.token()
+        with pytest.raises(TokenEndpointError, match="backing off") as caught:
+            await manager.token()
+        assert server.token_requests == 3
+        await asyncio.sleep((caught.value.retry_after or 0) + 0.01)
         token = await manager.token()
     assert token.access_token == server.issued[-1]
     assert server.token_requests == 4
@@ -612,8 +616,12 @@ async def test_past_the_margin_callers_wait_on_a_blocking_fetch_and_get_its_erro
         assert all(isinstance(r, TokenEndpointError) for r in results), results
         assert all(r.status == 503 for r in results if isinstance(r, TokenEndpointError))
         assert server.token_requests - before == 3  # one fetch of 3 attempts for all 50
-        # The endpoint is back: the next call gets a new token.
+        # The endpoint is back: once the back-off (1 s) has passed, a new token.
         server.clear_faults()
+        with pytest.raises(TokenEndpointError, match="backing off"):
+            await manager.token()
+        assert server.token_requests - before == 3
+        clock.advance(1.0)
         token = await manager.token()
     assert token.access_token != first.access_token
     assert token.expires_at > clock.time()

@@ -161,7 +161,9 @@ async def test_a_lock_nobody_releases_is_waited_out_then_fetched_around(
     ) as manager:
         from cl_tokens._keys import cache_key
 
-        held = await backend.acquire_lock(cache_key(server.url, server.client_id, None), lease=60)
+        held = await backend.acquire_lock(
+            cache_key(server.url, server.client_id, None, server.client_secret), lease=60
+        )
         assert held is not None
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -224,7 +226,9 @@ async def test_a_failed_write_still_releases_the_lock(server: FakeAuthServer) ->
     from cl_tokens._keys import cache_key
 
     # Nobody holds it: another manager (another process) gets it at once.
-    handle = await backend.acquire_lock(cache_key(server.url, server.client_id, None), lease=1)
+    handle = await backend.acquire_lock(
+        cache_key(server.url, server.client_id, None, server.client_secret), lease=1
+    )
     assert handle is not None
 
 

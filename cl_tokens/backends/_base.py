@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, ClassVar, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
@@ -40,7 +40,13 @@ _B = TypeVar("_B", bound="TokenBackend")
 
 @dataclass(frozen=True)
 class BackendURL:
-    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``."""
+    """A backend URL parsed once: ``scheme://user:password@host:port/path?query``.
+
+    ``raw`` is the URL as given, except that its userinfo is percent-encoded: a password
+    with ``/``, ``#``, ``?`` or ``@`` then reaches a client that parses ``raw`` again
+    whole, instead of cutting the host short. Neither ``raw`` nor the password shows
+    in ``repr``.
+    """
 
     raw: str = field(repr=False)
     scheme: str
@@ -53,29 +59,39 @@ class BackendURL:
 
     @classmethod
     def parse(cls, url: str) -> BackendURL:
-        scheme, sep, rest = url.partition("://")
-        # The user info first: a password may hold a raw "/", "#", "?" or "@", which
-        # urlsplit would cut into the path, the query or the fragment.
-        userinfo, after = split_userinfo(rest, conservative=False) if sep else (None, rest)
-        parts = urlsplit(f"{scheme}://{after}" if sep else url)
+        """Parse ``url``; the userinfo is everything between ``://`` and the last ``@``
+        (see ``split_userinfo``), so a password with ``/``, ``#`` or ``?`` stays whole.
+
+        Raises:
+            ConfigurationError: the URL does not parse (the message never echoes it).
+        """
+        try:
+            scheme, userinfo, rest = split_userinfo(url)
+            parts = urlsplit(f"{scheme}://{rest}")
+        except ValueError:
+            raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
         try:
             port = parts.port
         except ValueError:
             if "," not in parts.netloc:
                 raise ConfigurationError(
-                    f"backend URL has an invalid port: {redact_url(url)}"
+                    f"backend URL is not a valid URL: {redact_url(url)}"
                 ) from None
-            # Several hosts (redis+cluster://h1:p1,h2:p2): urllib has no port for that;
-            # the backend parses ``raw`` itself.
+            # Several hosts (redis+cluster://h1:p1,h2:p2): urllib reads no port from
+            # that; the backend parses ``raw`` itself.
             port = None
         username = password = None
+        raw = url
         if userinfo is not None:
-            user, colon, secret = userinfo.partition(":")
-            username = unquote(user) or None
-            password = (unquote(secret) or None) if colon else None
+            name, colon, secret = userinfo.partition(":")
+            username = unquote(name) or None
+            password = unquote(secret) if colon and secret else None
+            # Percent-encoded, so a client that parses ``raw`` again with urlsplit
+            # (redis-py's from_url) reads the same user, password and host as here.
+            raw = f"{scheme}://{_reencode(name)}{':' + _reencode(secret) if colon else ''}@{rest}"
         return cls(
-            raw=url,
-            scheme=parts.scheme.lower(),
+            raw=raw,
+            scheme=scheme.lower(),
             host=parts.hostname,
             port=port,
             path=unquote(parts.path),
@@ -85,59 +101,62 @@ class BackendURL:
         )
 
 
-_HOST = r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)"
-_HOST_LIST = re.compile(rf"{_HOST}(?::[0-9]*)?(?:,{_HOST}(?::[0-9]*)?)*(?=[/?#]|$)")
-# Stricter: a port, when there is a colon, so "user:" or "user:pw" is never a host.
-_STRICT_HOST_LIST = re.compile(rf"{_HOST}(?::[0-9]+)?(?:,{_HOST}(?::[0-9]+)?)*")
+def _reencode(part: str) -> str:
+    """``part`` of a userinfo percent-encoded; an already encoded one is unchanged."""
+    return quote(unquote(part, errors="surrogateescape"), safe="", errors="surrogateescape")
 
 
-def split_userinfo(rest: str, *, conservative: bool = True) -> tuple[str | None, str]:
-    """Split what follows ``scheme://`` into its user info (or None) and the rest.
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 
-    A password may hold a raw ``/``, ``#``, ``?`` or ``@``, which ``urlsplit`` would cut
-    into the path, the query or the fragment (and so into messages). Conservative (for
-    redaction): the user info ends at the last ``@`` that a host list follows, hiding
-    too much rather than too little (a query value with an ``@`` hides the host too).
-    Otherwise (for parsing): the standard reading when it yields a valid host list,
-    else the conservative one.
+
+def split_userinfo(url: str) -> tuple[str, str | None, str]:
+    """``url`` as (scheme, userinfo or None, the rest: host, port, path, query...).
+
+    The userinfo is everything between ``://`` and the *last* ``@``, whatever it holds:
+    generated passwords contain ``/``, ``#`` and ``?``, which ``urlsplit`` would take
+    for the end of the host and so show part of the password as a path. When an ``@``
+    is in a path or query instead, more is taken as userinfo than was: a redaction
+    then hides too much, never too little.
+
+    Raises:
+        ValueError: ``url`` is not ``scheme://...`` (the message never echoes it).
     """
-    if rest.startswith("/"):
-        return None, rest  # no authority at all: file:///path
-    if not conservative:
-        end = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
-        userinfo, at, hosts = rest[:end].rpartition("@")
-        if _STRICT_HOST_LIST.fullmatch(hosts):
-            return (userinfo if at else None), rest[len(userinfo) + len(at) :]
-    at_index = len(rest)
-    while (at_index := rest.rfind("@", 0, at_index)) >= 0:
-        if _HOST_LIST.match(rest, at_index + 1):
-            return rest[:at_index], rest[at_index + 1 :]
-    return None, rest
+    if not isinstance(url, str):
+        raise ValueError("a URL must be a string")
+    scheme, sep, rest = url.partition("://")
+    if not sep or _SCHEME.fullmatch(scheme) is None:
+        raise ValueError("not a scheme://... URL")
+    at = rest.rfind("@")
+    if at < 0:
+        return scheme, None, rest
+    return scheme, rest[:at], rest[at + 1 :]
 
 
 def redact_url(url: str) -> str:
-    """``url`` fit for messages and repr: any password and every query value (redis-py
-    takes ``?password=``) replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    userinfo, after = split_userinfo(rest) if sep else (None, rest)
-    if userinfo is not None and ":" in userinfo:
-        # Redacted before urlsplit sees it: a raw "#" or "/" in a password would
-        # otherwise land in the fragment or the path, and be shown.
-        url = f"{scheme}://{userinfo.split(':', 1)[0]}:***@{after}"
+    """``url`` fit for messages and repr: the password, every query value (redis-py
+    takes ``?password=``) and any fragment replaced by ``***``.
+
+    The userinfo is found as ``split_userinfo`` does, so no character in a password
+    can push part of it out of the redaction. A URL that does not parse at all is shown
+    as ``<unparseable URL>``, never echoed: it may be a secret pasted in the wrong place.
+    """
     try:
-        parts = urlsplit(url)
-        password = parts.password
+        scheme, userinfo, rest = split_userinfo(url)
+        parts = urlsplit(f"{scheme}://{rest}")
+        parts.port  # noqa: B018 - parsing the port is the check
     except ValueError:
         return "<unparseable URL>"
-    if password is None and not parts.query:
-        return url
-    netloc = parts.netloc
-    if password is not None:
-        userinfo, host = netloc.rsplit("@", 1)
-        netloc = f"{userinfo.split(':', 1)[0]}:***@{host}"
+    user = ""
+    if userinfo is not None:
+        name, colon, _ = userinfo.partition(":")
+        user = f"{name}:***@" if colon else f"{name}@"
     query = "&".join(f"{name}=***" for name, _ in parse_qsl(parts.query, True))
     # Built by hand: urlunsplit drops the "//" of schemes it does not know (memory://).
-    return f"{parts.scheme}://{netloc}{parts.path}" + (f"?{query}" if query else "")
+    return (
+        f"{scheme}://{user}{parts.netloc}{parts.path}"
+        + (f"?{query}" if query else ("?***" if parts.query else ""))
+        + ("#***" if parts.fragment else "")
+    )
 
 
 @dataclass(frozen=True)
@@ -245,7 +264,7 @@ class TokenBackend(ABC):
                 break
             if time.monotonic() >= deadline:
                 raise BackendError(f"timed out after {timeout:g} s waiting for the lock on {key}")
-            await asyncio.sleep(poll * random.uniform(0.5, 1.5))
+            await asyncio.sleep(poll * random.uniform(0.5, 1.5))  # noqa: S311 - jitter
         try:
             yield handle
         finally:

@@ -53,8 +53,9 @@ class JSONCodec:
             if not isinstance(envelope, dict) or envelope.get("v") != _VERSION:
                 return None
             return Token.from_dict(envelope.get("token"))
-        # RecursionError: deeply nested junk; the others: anything not a stored token.
-        except (ValueError, TypeError, RecursionError):
+        # RecursionError: deeply nested junk; OverflowError: a number too big for a float
+        # (a 400-digit created_at); the others: anything not a stored token.
+        except (ValueError, TypeError, RecursionError, OverflowError):
             return None
 
 

@@ -1,18 +1,23 @@
 """The file backend: one file per key in a directory, shared by the processes of a machine.
 
-Layout of ``<dir>`` for the key ``cl_tokens:v1:ab12``:
+Layout of ``<dir>`` for the key ``cl_tokens:v2:ab12``:
 
-- ``cl_tokens.v1.ab12.json``: the token (see ``_codec``), replaced atomically, mode 0600.
-- ``cl_tokens.v1.ab12.lock``: ``acquire_lock`` holds an ``flock`` on it.
-- ``cl_tokens.v1.ab12.mutex``: a short ``flock`` that makes compare-and-delete atomic
+- ``cl_tokens.v2.ab12.json``: the token (see ``_codec``), replaced atomically, mode 0600.
+- ``cl_tokens.v2.ab12.backoff``: the wall-clock time before which no token request may
+  be sent for the key (``set_backoff``), replaced atomically, mode 0600.
+- ``cl_tokens.v2.ab12.lock``: ``acquire_lock`` holds an ``flock`` on it.
+- ``cl_tokens.v2.ab12.mutex``: a short ``flock`` that makes compare-and-delete atomic
   against writes from other processes.
 
 Lock and mutex files are never removed: unlinking a lock file that another process has
 just opened would let two holders in. POSIX only (``fcntl``).
 
-The directory is created with mode 0700. An existing one is used as it is, but one that
-another user owns, or that its group or others may write to, gets a warning (once per
-backend): whoever can write there can replace token files or hold the locks.
+Who can touch the files is checked on every operation (see ``_file_safety``): the
+directory must be owned by this user or root and writable by nobody else, or the
+backend refuses it (``ConfigurationError``, also a ``BackendError`` when an operation
+finds it); token and back-off files that another user owns, or that others may read,
+are ignored with a warning; symbolic links are never followed. File calls run on the
+backend's own daemon threads (see ``_daemon_pool``).
 """
 
 from __future__ import annotations
@@ -20,27 +25,32 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import os
 import secrets
-import stat
 import string
 import sys
-import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
-
-import anyio.to_thread
 
 from .._clock import Clock, SystemClock
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
+from ._daemon_pool import DaemonPool
+from ._file_safety import (
+    check_directory_path,
+    open_directory,
+    open_in,
+    read_regular,
+    write_atomic,
+)
 
 if sys.platform != "win32":
     import fcntl
@@ -51,20 +61,31 @@ logger = logging.getLogger("cl_tokens")
 
 # A token file is a few KiB; reading more would only be reading junk.
 _MAX_BYTES = 256 * 1024
+# A back-off file holds one number.
+_MAX_BACKOFF_BYTES = 64
+# A back-off further ahead than this is junk (a clock gone wrong, a planted value): no
+# real Retry-After asks a fleet to stop for a day.
+_MAX_BACKOFF_AHEAD = 86_400.0
 # set/delete wait this long for another process's mutex, held for a few syscalls at most.
 _MUTEX_WAIT = 5.0
 _PLAIN = frozenset(string.ascii_letters + string.digits + "-_")
 _MAX_STEM = 200  # file names are limited to 255 bytes; leave room for suffixes
+# Abandoned file calls still running at which new ones fail at once (see DaemonPool).
+_MAX_STUCK = 4
+_MAX_THREADS = 8
+_MAX_WARNED = 1024  # ignored files remembered, so each is warned about once
 
 _BACKENDS: weakref.WeakSet[FileBackend] = weakref.WeakSet()
 
 
 @contextlib.contextmanager
 def _wrap_errors(action: str, key: str) -> Iterator[None]:
-    """Turn the OS's errors into BackendError, keeping the original as ``__cause__``."""
+    """Turn every failure into BackendError, keeping the original as ``__cause__``."""
     try:
         yield
-    except OSError as exc:
+    except BackendError:
+        raise  # already says what failed (an unsafe directory, stuck threads)
+    except Exception as exc:
         raise BackendError(f"file backend could not {action} {key}: {exc}") from exc
 
 
@@ -119,36 +140,6 @@ def file_url_problem(url: str) -> str | None:
     return None
 
 
-def _directory_problem(info: os.stat_result) -> str | None:
-    """Why a directory with ``info`` is unsafe for tokens, or None."""
-    if not stat.S_ISDIR(info.st_mode):
-        return None  # not a directory: the write that follows fails and says so
-    problems = []
-    if info.st_uid != os.geteuid():
-        problems.append(f"is owned by uid {info.st_uid}, not by this user ({os.geteuid()})")
-    mode = stat.S_IMODE(info.st_mode)
-    if mode & 0o022:
-        problems.append(f"is writable by its group or others (mode {mode:04o})")
-    return " and ".join(problems) or None
-
-
-def _read(path: Path) -> bytes | None:
-    try:
-        with open(path, "rb") as file:
-            return file.read(_MAX_BYTES)
-    except FileNotFoundError:
-        return None
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable, so a crash cannot bring back the old token.
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _LockAttempt:
     """One non-blocking try at an ``flock``, made in a worker thread.
 
@@ -157,24 +148,16 @@ class _LockAttempt:
     ``acquire_lock`` never leaves the key locked.
     """
 
-    def __init__(self, path: Path, prepare: Callable[[], None]) -> None:
-        self.path = path
+    def __init__(self, take: Callable[[], int | None]) -> None:
         self.fd: int | None = None
-        self._prepare = prepare
+        self._take = take
         self._abandoned = False
         self._guard = threading.Lock()
 
     def run(self) -> None:
-        self._prepare()
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)  # another holder has it
-            return
-        except BaseException:
-            os.close(fd)
-            raise
+        fd = self._take()
+        if fd is None:
+            return  # another holder has it
         with self._guard:
             if not self._abandoned:
                 self.fd = fd
@@ -189,59 +172,13 @@ class _LockAttempt:
             os.close(fd)
 
 
-_R = TypeVar("_R")
-_MAX_STUCK = 4  # file operations still running in threads whose callers gave up
-
-
-class _Threads:
-    """Runs file operations in worker threads, and stops starting new ones while
-    earlier ones are stuck.
-
-    A caller that times out (the manager bounds every backend call) stops waiting, but
-    its thread stays blocked on a hung filesystem; starting a new thread for each retry
-    would pile them up without bound, in the pool the rest of the application (a
-    Starlette sync endpoint, say) shares. After ``_MAX_STUCK`` abandoned operations are
-    still blocked, calls fail at once until one returns.
-    """
-
-    def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._stuck = 0
-
-    async def run(self, func: Callable[..., _R], *args: Any) -> _R:
-        with self._guard:
-            if self._stuck >= _MAX_STUCK:
-                raise BackendError(
-                    f"{self._stuck} file operations are still blocked: the filesystem "
-                    "does not answer"
-                )
-        state = {"started": False, "finished": False, "abandoned": False}
-
-        def tracked() -> _R:
-            with self._guard:
-                if state["abandoned"]:
-                    raise RuntimeError("abandoned before it started")
-                state["started"] = True
-            try:
-                return func(*args)
-            finally:
-                with self._guard:
-                    state["finished"] = True
-                    if state["abandoned"]:
-                        self._stuck -= 1
-
-        try:
-            return await anyio.to_thread.run_sync(tracked, abandon_on_cancel=True)
-        except BaseException:
-            with self._guard:
-                # The caller gave up (a timeout, a cancellation) on an operation still
-                # running in its thread: stuck until it returns. One that had not
-                # started yet never will.
-                if not state["finished"]:
-                    state["abandoned"] = True
-                    if state["started"]:
-                        self._stuck += 1
-            raise
+def _parse_backoff(data: bytes) -> float | None:
+    """The ``retry_at`` in a back-off file, or None for junk."""
+    try:
+        value = float(data.decode("ascii").strip())
+    except (UnicodeDecodeError, ValueError, OverflowError):
+        return None
+    return value if math.isfinite(value) else None
 
 
 class FileBackend(TokenBackend):
@@ -254,15 +191,22 @@ class FileBackend(TokenBackend):
     belongs to one open file, so two ``acquire_lock`` calls in one process exclude each
     other just as two processes do. Do not use it on NFS: ``flock`` there is unreliable.
 
+    The directory must be owned by this user (or root) and writable by nobody else;
+    that is checked here and again on every operation. Files in it that another user
+    owns, that others may read, or that are symbolic links are never trusted.
+
     Args:
         directory: where the files go (a relative path is taken from the current
             directory now); created with mode 0700, parents included, on first write.
+            It must not itself be a symbolic link.
         encryption_key: a Fernet key, or a list of them (the first encrypts), to store
             tokens encrypted; needs ``pip install 'cl-tokens[encryption]'``.
         clock: where "now" comes from for expiry (default: the system clock).
 
     Raises:
-        ConfigurationError: on Windows (no ``fcntl``), or a bad ``encryption_key``.
+        ConfigurationError: on Windows (no ``fcntl``), a bad ``encryption_key``, or an
+            existing directory that another user owns, that its group or others may
+            write to, or that is a symbolic link (the message says how to fix it).
     """
 
     schemes = ("file",)
@@ -278,11 +222,12 @@ class FileBackend(TokenBackend):
             raise ConfigurationError("the file backend needs POSIX file locks; use redis://")
         self._dir = Path(directory).expanduser().absolute()
         self._codec = make_codec(encryption_key)
+        check_directory_path(self._dir)
         self._clock: Clock = clock or SystemClock()
         self._held: dict[str, int] = {}  # lock owner -> the fd holding its flock
-        self._dir_checked = False  # the directory's owner and mode, checked once
-        self._dir_guard = threading.Lock()  # _ensure_dir runs in worker threads
-        self._threads = _Threads()
+        self._threads = DaemonPool("cl_tokens-file", max_threads=_MAX_THREADS, max_stuck=_MAX_STUCK)
+        self._warned: set[tuple[str, int, int]] = set()
+        self._warn_guard = threading.Lock()
         _BACKENDS.add(self)
 
     @classmethod
@@ -306,39 +251,50 @@ class FileBackend(TokenBackend):
         """The directory holding the files."""
         return self._dir
 
-    def _path(self, key: str, suffix: str) -> Path:
-        return self._dir / (_stem(key) + suffix)
-
-    def _ensure_dir(self) -> None:
-        try:
-            os.makedirs(self._dir, mode=0o700)
-        except FileExistsError:
-            # Not created here: someone else chose its owner and mode; check them once.
-            with self._dir_guard:
-                check, self._dir_checked = not self._dir_checked, True
-            if check:
-                self._check_dir()
-        else:
-            self._dir_checked = True  # made by this backend, 0700
-
-    def _check_dir(self) -> None:
-        try:
-            info = os.stat(self._dir)
-        except OSError:
-            return  # the write that follows reports it
-        problem = _directory_problem(info)
-        if problem:
-            logger.warning(
-                "file backend directory %s %s: another local user could replace the "
-                "token files or hold the locks; use a directory only this user can "
-                "write to (e.g. chmod 700)",
-                self._dir,
-                problem,
-            )
+    # -- in worker threads ---------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _mutex(self, key: str) -> Iterator[None]:
-        fd = os.open(self._path(key, ".mutex"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _opened_dir(self, *, create: bool) -> Iterator[int | None]:
+        """The checked directory's descriptor for one operation (None: it does not exist)."""
+        dfd = open_directory(self._dir, create=create)
+        try:
+            yield dfd
+        finally:
+            if dfd is not None:
+                os.close(dfd)
+
+    def _ignored(self, name: str, info: os.stat_result | None, why: str) -> None:
+        """Warn, once per file, that a file was not trusted and so read as a miss."""
+        ident = (name, info.st_dev, info.st_ino) if info is not None else (name, -1, -1)
+        with self._warn_guard:
+            if ident in self._warned:
+                return
+            if len(self._warned) >= _MAX_WARNED:
+                self._warned.clear()
+            self._warned.add(ident)
+        logger.warning(
+            "file backend ignored %s in %s: it %s, so another user may have planted it; "
+            "it counts as a miss and the next write replaces it",
+            name,
+            self._dir,
+            why,
+        )
+
+    def _read(self, key: str, suffix: str, limit: int) -> bytes | None:
+        with self._opened_dir(create=False) as dfd:
+            if dfd is None:
+                return None
+            return read_regular(dfd, _stem(key) + suffix, limit, self._ignored)
+
+    def _write(self, key: str, suffix: str, data: bytes, durable: bool) -> None:
+        with self._opened_dir(create=True) as dfd:
+            assert dfd is not None  # noqa: S101 - create=True always opens it (for mypy)
+            guard = (lambda: self._mutex(dfd, key)) if suffix == ".json" else None
+            write_atomic(dfd, _stem(key) + suffix, data, durable=durable, guard=guard)
+
+    @contextlib.contextmanager
+    def _mutex(self, dfd: int, key: str) -> Iterator[None]:
+        fd = open_in(dfd, _stem(key) + ".mutex", os.O_RDWR | os.O_CREAT)
         try:
             deadline = time.monotonic() + _MUTEX_WAIT
             while True:
@@ -353,66 +309,65 @@ class FileBackend(TokenBackend):
         finally:
             os.close(fd)  # closing drops the flock
 
+    def _delete(self, key: str, access_token: str | None) -> bool:
+        name = _stem(key) + ".json"
+        with self._opened_dir(create=False) as dfd:
+            if dfd is None:
+                return False
+            if access_token is None:
+                try:
+                    os.unlink(name, dir_fd=dfd)
+                except FileNotFoundError:
+                    return False
+                return True
+            # Under the mutex no other process can replace the file between the check
+            # and the unlink, so a token written meanwhile is never deleted by mistake.
+            with self._mutex(dfd, key):
+                data = read_regular(dfd, name, _MAX_BYTES, self._ignored)
+                token = self._codec.decode(data) if data else None
+                if token is None or token.access_token != access_token:
+                    return False
+                os.unlink(name, dir_fd=dfd)
+                return True
+
+    def _take_lock(self, key: str) -> int | None:
+        with self._opened_dir(create=True) as dfd:
+            assert dfd is not None  # noqa: S101 - create=True always opens it (for mypy)
+            fd = open_in(dfd, _stem(key) + ".lock", os.O_RDWR | os.O_CREAT)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)  # another holder has it
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    # -- the backend API -----------------------------------------------------------------
+
     async def get(self, key: str) -> Token | None:
         with _wrap_errors("read", key):
-            data = await self._threads.run(_read, self._path(key, ".json"))
-        if not data:
-            return None
-        token = self._codec.decode(data)
-        if token is None or token.expires_at <= self._clock.time():
+            data = await self._threads.run(self._read, key, ".json", _MAX_BYTES)
+            if not data:
+                return None
+            token = self._codec.decode(data)
+        if token is None or token.keep_until <= self._clock.time():
             return None
         return token
 
     async def set(self, key: str, token: Token) -> None:
-        data = self._codec.encode(token)
         with _wrap_errors("write", key):
-            await self._threads.run(self._write, key, data)
-
-    def _write(self, key: str, data: bytes) -> None:
-        self._ensure_dir()
-        path = self._path(key, ".json")
-        # mkstemp makes the file 0600; the same directory keeps the rename atomic.
-        fd, tmp = tempfile.mkstemp(dir=self._dir, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as file:
-                file.write(data)
-                file.flush()
-                os.fsync(file.fileno())
-            with self._mutex(key):
-                os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(self._dir)
+            data = self._codec.encode(token)
+            await self._threads.run(self._write, key, ".json", data, True)
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
         with _wrap_errors("delete", key):
             return await self._threads.run(self._delete, key, access_token)
 
-    def _delete(self, key: str, access_token: str | None) -> bool:
-        path = self._path(key, ".json")
-        if access_token is None:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                return False
-            return True
-        if not self._dir.is_dir():
-            return False
-        # Under the mutex no other process can replace the file between the check and
-        # the unlink, so a token written meanwhile is never deleted by mistake.
-        with self._mutex(key):
-            data = _read(path)
-            token = self._codec.decode(data) if data else None
-            if token is None or token.access_token != access_token:
-                return False
-            path.unlink()
-            return True
-
     async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
         # ``lease`` is unused: the OS releases an flock when its holder dies.
-        attempt = _LockAttempt(self._path(key, ".lock"), self._ensure_dir)
+        attempt = _LockAttempt(lambda: self._take_lock(key))
         try:
             with _wrap_errors("lock", key):
                 await self._threads.run(attempt.run)
@@ -437,8 +392,35 @@ class FileBackend(TokenBackend):
             finally:
                 os.close(fd)
 
+    async def get_backoff(self, key: str) -> float | None:
+        """The ``retry_at`` in ``<stem>.backoff``; None when absent, expired, junk
+        (not a finite number, or more than a day ahead) or not trusted."""
+        with _wrap_errors("read the back-off of", key):
+            # One byte more than allowed: a longer file is junk, not its first bytes.
+            data = await self._threads.run(self._read, key, ".backoff", _MAX_BACKOFF_BYTES + 1)
+        too_long = data is not None and len(data) > _MAX_BACKOFF_BYTES
+        retry_at = _parse_backoff(data) if data and not too_long else None
+        if retry_at is None:
+            return None
+        now = self._clock.time()
+        if retry_at <= now or retry_at > now + _MAX_BACKOFF_AHEAD:
+            return None
+        return retry_at
+
+    async def set_backoff(self, key: str, retry_at: float) -> None:
+        """Write ``retry_at`` to ``<stem>.backoff`` (atomically, mode 0600).
+
+        Not fsynced: after a crash, a lost back-off costs one request, never a token.
+        """
+        with _wrap_errors("write the back-off of", key):
+            if not math.isfinite(retry_at):
+                raise ValueError("retry_at must be a finite number")
+            data = repr(float(retry_at)).encode() + b"\n"
+            await self._threads.run(self._write, key, ".backoff", data, False)
+
     async def aclose(self) -> None:
         self._close_held()
+        self._threads.retire_idle()
 
     def _close_held(self) -> None:
         # Closing (not LOCK_UN) drops the locks; after a fork it must be only a close,
@@ -452,6 +434,7 @@ class FileBackend(TokenBackend):
 def _after_fork_in_child() -> None:
     for backend in list(_BACKENDS):
         backend._close_held()
+        backend._threads.after_fork_in_child()
 
 
 if hasattr(os, "register_at_fork"):

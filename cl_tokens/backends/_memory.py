@@ -31,11 +31,17 @@ class MemoryBackend(TokenBackend):
         self._clock: Clock = clock or SystemClock()
         self._tokens: dict[str, Token] = {}
         self._locks: dict[str, tuple[str, float]] = {}
+        self._backoffs: dict[str, float] = {}
+        self._next_sweep = 0.0
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> MemoryBackend:
+        # Never echo the URL: "memory://user:secret@..." would put the secret in the
+        # message, and memory:// has no use for any part of it.
+        if "@" in url.raw:
+            raise ConfigurationError("memory:// takes no credentials (nothing before an @)")
         if url.host or url.path not in ("", "/") or url.query:
-            raise ConfigurationError(f"memory:// takes no host, path or options, not {url.raw!r}")
+            raise ConfigurationError("memory:// takes no host, path or options: use memory://")
         return cls(**options)
 
     def __repr__(self) -> str:
@@ -43,13 +49,40 @@ class MemoryBackend(TokenBackend):
 
     async def get(self, key: str) -> Token | None:
         token = self._tokens.get(key)
-        if token is not None and token.expires_at <= self._clock.time():
+        if token is not None and token.keep_until <= self._clock.time():
             del self._tokens[key]
             return None
         return token
 
     async def set(self, key: str, token: Token) -> None:
         self._tokens[key] = token
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Forget expired tokens, back-offs and leases, at most once a second: memory is
+        bounded by what is live, not by every key ever written."""
+        mono = time.monotonic()
+        if mono < self._next_sweep:
+            return
+        self._next_sweep = mono + 1.0
+        now = self._clock.time()
+        for key in [k for k, t in self._tokens.items() if t.keep_until <= now]:
+            del self._tokens[key]
+        for key in [k for k, until in self._backoffs.items() if until <= now]:
+            del self._backoffs[key]
+        for key in [k for k, (_, until) in self._locks.items() if until <= mono]:
+            del self._locks[key]
+
+    async def get_backoff(self, key: str) -> float | None:
+        retry_at = self._backoffs.get(key)
+        if retry_at is not None and retry_at <= self._clock.time():
+            del self._backoffs[key]
+            return None
+        return retry_at
+
+    async def set_backoff(self, key: str, retry_at: float) -> None:
+        self._backoffs[key] = retry_at
+        self._sweep()
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
         token = self._tokens.get(key)
@@ -65,7 +98,16 @@ class MemoryBackend(TokenBackend):
             return None
         owner = secrets.token_hex(8)
         self._locks[key] = (owner, now + lease)
+        self._sweep()
         return LockHandle(key, owner)
+
+    async def renew_lock(self, handle: LockHandle, *, lease: float) -> bool:
+        held = self._locks.get(handle.key)
+        now = time.monotonic()
+        if held is None or held[0] != handle.owner or held[1] <= now:
+            return False
+        self._locks[handle.key] = (handle.owner, now + lease)
+        return True
 
     async def release_lock(self, handle: LockHandle) -> None:
         held = self._locks.get(handle.key)

@@ -94,9 +94,8 @@ _SCRIPTS = {
     "release": _RELEASE_IF_OWNER,
 }
 
-# Background releases (of cancelled lock attempts, and retries of failed releases): held
-# here so they are not collected before they finish. The retries stop after about 4 s.
-_RELEASE_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.0, 1.5)
+# Releases started for cancelled lock attempts: held here so they are not collected
+# before they finish. (A failed release is retried by the manager, in _shared.)
 _RELEASES: set[asyncio.Future[None]] = set()
 
 
@@ -357,36 +356,16 @@ class RedisBackend(TokenBackend):
         return bool(renewed)
 
     async def _release_quietly(self, handle: LockHandle) -> None:
-        try:
+        # Best effort, in the background: a lock left behind expires with its lease.
+        with contextlib.suppress(Exception):
             await self._release(handle)
-        except Exception:
-            pass
 
     async def release_lock(self, handle: LockHandle) -> None:
-        """Release the lock if ``handle`` still owns it. A release that fails (Redis
-        unreachable, a failover under way) raises BackendError and is retried in the
-        background for a few seconds: a lock left behind would hold every waiter for
-        the rest of its lease. Releasing by owner is idempotent, so a retry is safe."""
-        try:
-            await self._release(handle)
-        except BackendError:
-            retry = asyncio.ensure_future(self._retry_release(handle))
-            _RELEASES.add(retry)
-            retry.add_done_callback(_RELEASES.discard)
-            raise
+        await self._release(handle)
 
     async def _release(self, handle: LockHandle) -> None:
         async with self._command("unlock", handle.key) as bound:
             await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
-
-    async def _retry_release(self, handle: LockHandle) -> None:
-        for delay in _RELEASE_RETRY_DELAYS:
-            await asyncio.sleep(delay)
-            try:
-                await self._release(handle)
-            except BackendError:
-                continue
-            return
 
     # -- lifecycle ------------------------------------------------------------------------
 

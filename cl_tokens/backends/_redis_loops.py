@@ -132,7 +132,7 @@ class LoopClients:
         elif self._spare is not None:
             client, self._spare = self._spare, None
         else:
-            assert self._build is not None
+            assert self._build is not None  # noqa: S101 - not injected means built (for mypy)
             client = self._build()
         scripts = {name: client.register_script(lua) for name, lua in self._scripts.items()}
         from redis.asyncio import RedisCluster

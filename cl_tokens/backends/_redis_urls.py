@@ -78,16 +78,18 @@ def parse_redis_url(url: str) -> RedisTarget:
         ConfigurationError: not one of them; the message never holds the password or
             the query (which may hold one).
     """
-    scheme, sep, rest = url.partition("://")
+    try:
+        scheme, userinfo, rest = split_userinfo(url)
+    except ValueError:
+        scheme = ""
     scheme = scheme.lower()
-    if not sep or scheme not in SCHEMES:
+    if scheme not in SCHEMES:
         raise ConfigurationError(
             "RedisBackend takes " + ", ".join(s + "://" for s in SCHEMES) + " URLs, "
-            f"not {scheme + '://' if sep else 'this value'}"
+            f"not {scheme + '://' if scheme else 'this value'}"
         )
     tls = scheme.startswith("rediss")
     kind = scheme.partition("+")[2] or "single"
-    userinfo, rest = split_userinfo(rest, conservative=False)
     rest, _, _fragment = rest.partition("#")
     rest, _, query = rest.partition("?")
     netloc, slash, path = rest.partition("/")
@@ -192,7 +194,7 @@ def build_client(
             nodes = [ClusterNode(host, port) for host, port in target.hosts]
             return RedisCluster(startup_nodes=nodes, ssl=target.tls, **settings)
         if target.kind == "sentinel":
-            assert target.service is not None
+            assert target.service is not None  # noqa: S101 - the parser requires it (for mypy)
             sentinel_settings = {
                 k: v for k, v in settings.items() if k.startswith("socket_") or k == "retry"
             }

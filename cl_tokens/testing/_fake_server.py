@@ -15,6 +15,8 @@ from urllib.parse import parse_qsl
 
 from aiohttp import web
 
+from ._fake_customers import FakeCustomers
+
 __all__ = ["FakeAuthServer", "RecordedRequest"]
 
 MalformedKind = Literal[
@@ -84,6 +86,7 @@ class FakeAuthServer:
             to behave like Commerce Layer, which returns the same token until only that
             much of its life is left (900 s there).
         port: 0 for a free port.
+        issuer: the ``iss`` claim of the tokens it issues; None for its own base URL.
 
     Use ``async with FakeAuthServer() as server:`` and point a manager at ``server.url``.
     """
@@ -101,6 +104,7 @@ class FakeAuthServer:
         reissue_window: float | None = None,
         host: str = "127.0.0.1",
         port: int = 0,
+        issuer: str | None = None,
     ) -> None:
         self.client_id = client_id
         self.client_secret = client_secret
@@ -112,11 +116,17 @@ class FakeAuthServer:
         self.reissue_window = reissue_window
         self._host = host
         self._port = port
+        self.issuer = issuer
         self.requests: list[RecordedRequest] = []
         self.token_requests = 0
         self.api_requests = 0
         self.revoke_requests = 0
         self.issued: list[str] = []
+        #: Customers for the password, refresh_token, JWT bearer and code grants:
+        #: ``server.customers.add(username, password) -> owner_id``,
+        #: ``server.customers.issue_code(owner_id, redirect_uri)``; single-use refresh
+        #: tokens, with ``refresh_requests`` and ``refresh_reuses`` counted.
+        self.customers = FakeCustomers()
         self.revoked: set[str] = set()
         self._expiry: dict[str, float] = {}
         self._current: dict[tuple[str, str | None], str] = {}
@@ -259,6 +269,8 @@ class FakeAuthServer:
                 return self._fault_response(fault)
             else:
                 return self._malformed(fault.malformed)
+        if recorded.body.get("grant_type") not in (None, "client_credentials"):
+            return self.customers.answer(self, recorded)
         rejection = self._check(recorded)
         if rejection is not None:
             return rejection
@@ -313,7 +325,21 @@ class FakeAuthServer:
             "created_at": int(now),
         }
 
-    def _jwt(self, scope: str | None, now: float) -> str:
+    def customer_jwt(
+        self, scope: str | None, now: float, expires_in: float, owner_id: str, kind: str
+    ) -> str:
+        """An access token for a customer (or user), with the owner in its claims."""
+        token = self._jwt(scope, now, {"owner": {"id": owner_id, "type": kind}}, expires_in)
+        self._expiry[token] = now + expires_in
+        return token
+
+    def _jwt(
+        self,
+        scope: str | None,
+        now: float,
+        extra: dict[str, Any] | None = None,
+        expires_in: float | None = None,
+    ) -> str:
         header = {"alg": "RS512", "typ": "JWT", "kid": "fake-key"}
         claims: dict[str, Any] = {
             "organization": {"id": "fakeOrgId", "slug": self.organization_slug},
@@ -324,12 +350,13 @@ class FakeAuthServer:
                 "public": self.client_secret is None,
             },
             "scope": scope or "market:all",
-            "exp": int(now + self.expires_in),
+            "exp": int(now + (self.expires_in if expires_in is None else expires_in)),
             "iat": int(now),
-            "iss": self.base_url,
+            "iss": self.base_url if self.issuer is None else self.issuer,
             "test": True,
             "rand": secrets.token_hex(8),
         }
+        claims.update(extra or {})
         if scope and scope.startswith("market:"):
             claims["market"] = {"id": [scope.rsplit(":", 1)[-1]], "price_list_id": None}
         signing_input = _b64(json.dumps(header).encode()) + "." + _b64(json.dumps(claims).encode())
@@ -379,6 +406,7 @@ class FakeAuthServer:
         token = body.get("token")
         if isinstance(token, str):
             self.revoked.add(token)
+            self.customers.revoke(token)
         return web.json_response({})
 
     async def _api(self, request: web.Request) -> web.Response:
