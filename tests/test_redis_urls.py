@@ -90,7 +90,7 @@ def test_sentinel_urls_name_the_service_and_database() -> None:
         ("redis+sentinel://h:26379/svc/x", "must be a number"),
         ("redis+sentinel://h:26379/svc/1/2", "too many"),
         ("redis://h1:6379,h2:6379/0", r"redis\+cluster://"),
-        ("redis+cluster://h1:99999", "port"),
+        ("redis+cluster://h1:99999", "not a valid URL"),
         ("redis+cluster://h1:7000,,h2", "host"),
         ("redis://127.0.0.1/0?socket_timeout=soon", "socket_timeout"),
         ("redis://127.0.0.1/0?no_such_option=1", "no_such_option"),
