@@ -9,7 +9,8 @@ Values. A token is ``<sha256 hex of the access token>|<codec bytes>`` (see ``_co
 The digest in front lets a Lua script compare-and-delete by access token even when the
 rest is encrypted; it is not a secret (a hash of a random bearer token cannot be turned
 back into one). Values expire with the token (``PX`` of the time left by our clock, so a
-skewed Redis clock changes nothing); a back-off is the wall-clock ``retry_at`` as text,
+skewed Redis clock changes nothing), or for a customer token with its refresh token
+(``Token.keep_until``); a back-off is the wall-clock ``retry_at`` as text,
 expiring at ``retry_at`` the same way. The lock is ``SET {K}:lock <owner> NX PX <lease>``;
 only its owner may renew (``PEXPIRE``) or release it (Lua compare-and-delete).
 
@@ -279,13 +280,14 @@ class RedisBackend(TokenBackend):
         if raw is None:
             return None
         token = self._decode(raw)
-        if token is None or token.expires_at <= self._clock.time():
+        if token is None or token.keep_until <= self._clock.time():
             return None
         return token
 
     async def set(self, key: str, token: Token) -> None:
         value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
-        ttl_ms = _ms_until(token.expires_at, self._clock.time())
+        # Kept while its refresh token lives, for a customer token (``keep_until``).
+        ttl_ms = _ms_until(token.keep_until, self._clock.time())
         async with self._command("write", key) as bound:
             if ttl_ms <= 0:
                 # Storing an expired token means holding none (as a later get would say).
