@@ -36,7 +36,8 @@ async def main() -> None:
         # The first call initializes the cluster client: CLUSTER SLOTS and the COMMAND
         # table, 0.2 s alone and seconds for 8 interpreters on a loaded 2-core machine.
         # The default 2 s would count that as a backend fault and fetch directly.
-        backend_timeout=10.0,
+        backend_timeout=8.0,
+        lock_lease=16.0,  # at least 2 x backend_timeout: renewed every third of it
         attempts=1,
     ) as manager:
         await asyncio.sleep(max(0.0, float(start_at) - time.time()))
