@@ -89,9 +89,7 @@ class CustomerTokens:
 
     # -- logins ----------------------------------------------------------------------
 
-    async def login(
-        self, username: str, password_: str, *, scope: str | None = None
-    ) -> Token:
+    async def login(self, username: str, password_: str, *, scope: str | None = None) -> Token:
         """Log a customer in (password grant); their token is cached per owner.
 
         Returns the ``Token``, with ``owner_id``, ``owner_type`` and a ``refresh_token``
@@ -162,9 +160,7 @@ class CustomerTokens:
         logger.info("customer logged out; tokens %s revoked", fingerprint(known[0].access_token))
         return True
 
-    async def _log_in(
-        self, grant: Grant, scope_arg: str | None, owner: Owner | None
-    ) -> Token:
+    async def _log_in(self, grant: Grant, scope_arg: str | None, owner: Owner | None) -> Token:
         self._check_open()
         self._bind_loop()
         self._check_refresh_storage()
@@ -233,9 +229,7 @@ class CustomerTokens:
             status=401,
         )
 
-    async def _send_refresh(
-        self, key: str, scope: str | None, pair: Token, owner_id: str
-    ) -> Token:
+    async def _send_refresh(self, key: str, scope: str | None, pair: Token, owner_id: str) -> Token:
         spent = pair.refresh_token
         assert spent is not None  # noqa: S101 - checked by the caller (for mypy)
         # Marked spent before it is sent: whatever happens next, no process sends it again.

@@ -38,6 +38,18 @@ async def make_manager(server: FakeAuthServer) -> AsyncIterator[Callable[..., To
 
 
 # Redis fixtures (redis_url, redis_key_prefix, redis_server) live with their helpers.
+# Session fixtures are defined once, here: imported into two test modules they would be
+# two fixtures, and start two clusters.
 from redis_support import redis_key_prefix, redis_server, redis_url  # noqa: E402
+from redis_topologies import redis_cluster, redis_sentinel, valkey_url  # noqa: E402
 
-__all__ = ["make_manager", "redis_key_prefix", "redis_server", "redis_url", "server"]
+__all__ = [
+    "make_manager",
+    "redis_cluster",
+    "redis_key_prefix",
+    "redis_sentinel",
+    "redis_server",
+    "redis_url",
+    "server",
+    "valkey_url",
+]

@@ -21,6 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from typing import NoReturn
 
 import pytest
 
@@ -38,7 +39,7 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/15"
 REDIS_SERVER_BINARY = "/usr/bin/redis-server"
 
 
-def redis_unavailable(reason: str) -> None:
+def redis_unavailable(reason: str) -> NoReturn:
     """Fail under ``CL_TOKENS_REQUIRE_REDIS=1`` (CI must not skip silently), else skip."""
     if os.environ.get("CL_TOKENS_REQUIRE_REDIS") == "1":
         pytest.fail(f"{reason} (CL_TOKENS_REQUIRE_REDIS=1)")
@@ -61,12 +62,17 @@ def _ping(url: str, timeout: float = 1.0) -> Exception | None:
 
 
 def delete_keys(url: str, prefix: str) -> int:
-    """Delete every key starting with ``prefix`` (and only those); returns how many."""
+    """Delete every key starting with ``prefix`` or ``{prefix`` (the backend's hash-tagged
+    form), and only those; returns how many."""
     import redis
 
     client = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
     try:
-        keys = list(client.scan_iter(match=prefix + "*", count=500))
+        keys = [
+            name
+            for pattern in (prefix + "*", "{" + prefix + "*")
+            for name in client.scan_iter(match=pattern, count=500)
+        ]
         return int(client.delete(*keys)) if keys else 0
     finally:
         client.close()

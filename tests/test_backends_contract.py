@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,12 @@ ALL_BACKENDS = [
     pytest.param("file+encrypted", id="file-encrypted"),
     pytest.param("redis", marks=pytest.mark.redis, id="redis"),
     pytest.param("redis+encrypted", marks=pytest.mark.redis, id="redis-encrypted"),
+    pytest.param("cluster", marks=pytest.mark.redis, id="redis-cluster"),
+    pytest.param("cluster+encrypted", marks=pytest.mark.redis, id="redis-cluster-encrypted"),
+    pytest.param("sentinel", marks=pytest.mark.redis, id="redis-sentinel"),
+    pytest.param("sentinel+encrypted", marks=pytest.mark.redis, id="redis-sentinel-encrypted"),
+    # Valkey plain only: encryption is the codec's, the same on every server.
+    pytest.param("valkey", marks=pytest.mark.redis, id="valkey"),
 ]
 
 
@@ -32,19 +39,25 @@ class TestBackendContract(BackendContract):
 
             key = Fernet.generate_key()
         backend: TokenBackend
+        cleanup: Callable[[str], object] | None = None
         if kind == "memory":
             backend = MemoryBackend()
         elif kind.startswith("file"):
             backend = FileBackend(tmp_path / "tokens", encryption_key=key)
-        else:
-            url: str = request.getfixturevalue("redis_url")
+        elif kind.startswith(("redis", "valkey")):
+            url: str = request.getfixturevalue(kind.split("+")[0] + "_url")
             backend = RedisBackend(url=url, encryption_key=key)
+            cleanup = partial(delete_keys, url)
+        else:
+            topology = request.getfixturevalue("redis_" + kind.split("+")[0])
+            backend = RedisBackend(url=topology.url, encryption_key=key)
+            cleanup = topology.delete_keys
         try:
             yield backend
         finally:
             await backend.aclose()
-            if isinstance(backend, RedisBackend):
-                delete_keys(url, key_prefix)
+            if cleanup is not None:
+                cleanup(key_prefix)
 
     async def stored_bytes(self, backend: TokenBackend, key_prefix: str) -> bytes | None:
         if isinstance(backend, FileBackend):
@@ -53,7 +66,7 @@ class TestBackendContract(BackendContract):
         if isinstance(backend, RedisBackend):
             client = backend.client
             chunks = []
-            async for name in client.scan_iter(match=key_prefix + "*"):
+            async for name in client.scan_iter(match="{" + key_prefix + "*"):
                 chunks.append(name + b"=" + (await client.get(name) or b""))
             return b"".join(chunks)
         return None

@@ -22,7 +22,7 @@ from redis_support import (  # noqa: F401 - fixtures
 )
 
 from cl_tokens import BackendError, ConfigurationError, Token
-from cl_tokens.backends import RedisBackend, backend_from_url, known_schemes
+from cl_tokens.backends import LockHandle, RedisBackend, backend_from_url, known_schemes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,10 +60,10 @@ def key(redis_key_prefix: str) -> str:  # noqa: F811
 @pytest.mark.redis
 async def test_ttl_follows_the_token(backend: RedisBackend, key: str) -> None:
     await backend.set(key, make_token(expires_in=100))
-    ttl = await backend.client.pttl(key)
+    ttl = await backend.client.pttl("{" + key + "}")
     assert 98_000 < ttl <= 100_000
     await backend.set(key, make_token(expires_in=-5))
-    assert await backend.client.exists(key) == 0
+    assert await backend.client.exists("{" + key + "}") == 0
 
 
 @pytest.mark.redis
@@ -74,7 +74,7 @@ async def test_ttl_is_relative_to_our_clock(redis_url: str, key: str) -> None:  
     async with backend:
         token = Token("tok", "Bearer", None, expires_at=clock.time() + 60, lifetime=60)
         await backend.set(key, token)
-        assert 58_000 < await backend.client.pttl(key) <= 60_000
+        assert 58_000 < await backend.client.pttl("{" + key + "}") <= 60_000
         assert await backend.get(key) == token
 
 
@@ -89,7 +89,7 @@ async def test_lock_lease_expires(backend: RedisBackend, key: str) -> None:
     await backend.release_lock(stale)  # the stale owner must not free the new holder
     assert await backend.acquire_lock(key, lease=10) is None
     await backend.release_lock(fresh)
-    assert await backend.client.exists(key + ":lock") == 0
+    assert await backend.client.exists("{" + key + "}:lock") == 0
 
 
 @pytest.mark.redis
@@ -100,7 +100,7 @@ async def test_encryption(redis_url: str, key: str) -> None:  # noqa: F811
     async with sealed:
         await sealed.set(key, token)
         assert await sealed.get(key) == token
-        raw = await sealed.client.get(key)
+        raw = await sealed.client.get("{" + key + "}")
         assert isinstance(raw, bytes)
         assert token.access_token.encode() not in raw
         assert b"access_token" not in raw
@@ -122,7 +122,7 @@ async def test_encryption(redis_url: str, key: str) -> None:  # noqa: F811
     ids=["empty", "junk", "digest-then-junk", "utf8"],
 )
 async def test_corrupt_value_is_a_miss(backend: RedisBackend, key: str, raw: bytes) -> None:
-    await backend.client.set(key, raw)
+    await backend.client.set("{" + key + "}", raw)
     assert await backend.get(key) is None
     assert await backend.delete(key, "tok") is False
     await backend.set(key, make_token())
@@ -282,7 +282,8 @@ async def test_a_lock_attempt_cancelled_after_its_set_does_not_hold_the_lock(
     backend: RedisBackend, key: str
 ) -> None:
     client = _single(backend)
-    real_acquire = backend._acquire
+    scripts = (await backend._clients.use()).scripts
+    real_acquire = scripts["acquire"]
     reached = asyncio.Event()
 
     async def acquire_then_stall(*args: object, **kwargs: object) -> object:
@@ -291,19 +292,19 @@ async def test_a_lock_attempt_cancelled_after_its_set_does_not_hold_the_lock(
         await asyncio.sleep(10)
         return result
 
-    backend._acquire = acquire_then_stall  # type: ignore[assignment]
+    scripts["acquire"] = acquire_then_stall
     attempt = asyncio.ensure_future(backend.acquire_lock(key, lease=60))
     await asyncio.wait_for(reached.wait(), 5)
-    assert await client.exists(key + ":lock") == 1
+    assert await client.exists("{" + key + "}:lock") == 1
     attempt.cancel()
     with pytest.raises(asyncio.CancelledError):
         await attempt
-    backend._acquire = real_acquire  # type: ignore[method-assign]
+    scripts["acquire"] = real_acquire
     for _ in range(100):  # the release runs in the background
-        if await client.exists(key + ":lock") == 0:
+        if await client.exists("{" + key + "}:lock") == 0:
             break
         await asyncio.sleep(0.01)
-    assert await client.exists(key + ":lock") == 0
+    assert await client.exists("{" + key + "}:lock") == 0
 
 
 @pytest.mark.redis
@@ -311,7 +312,117 @@ async def test_taking_the_lock_again_with_the_same_owner_succeeds(
     backend: RedisBackend, key: str
 ) -> None:
     # What redis-py does after a socket timeout: it sends the same command again.
-    lock_key = key + ":lock"
-    assert await backend._acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
-    assert await backend._acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
-    assert await backend._acquire(keys=[lock_key], args=["owner-b", 60_000]) == 0
+    lock_key = "{" + key + "}:lock"
+    acquire = (await backend._clients.use()).scripts["acquire"]
+    assert await acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
+    assert await acquire(keys=[lock_key], args=["owner-a", 60_000]) == 1
+    assert await acquire(keys=[lock_key], args=["owner-b", 60_000]) == 0
+
+
+# -- keys, back-offs, renewal ------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_a_scopes_token_lock_and_backoff_share_one_cluster_slot(
+    backend: RedisBackend, key: str
+) -> None:
+    from redis.crc import key_slot
+
+    await backend.set(key, make_token())
+    handle = await backend.acquire_lock(key, lease=10)
+    assert handle is not None
+    await backend.set_backoff(key, time.time() + 30)
+    client = _single(backend)
+    names = sorted([n async for n in client.scan_iter(match="{" + key + "}*")])
+    assert names == [b"{" + key.encode() + b"}" + suffix for suffix in (b"", b":backoff", b":lock")]
+    assert len({key_slot(name) for name in names}) == 1
+    await backend.release_lock(handle)
+
+
+@pytest.mark.redis
+async def test_backoff_expires_in_redis_at_retry_at(backend: RedisBackend, key: str) -> None:
+    await backend.set_backoff(key, time.time() + 20)
+    assert 19_000 < await backend.client.pttl("{" + key + "}:backoff") <= 20_000
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(
+    "raw", [b"", b"soon", b"nan", b"inf", b"1e400", b"9" * 400, "é".encode()], ids=repr
+)
+async def test_a_junk_backoff_is_none(backend: RedisBackend, key: str, raw: bytes) -> None:
+    await backend.client.set("{" + key + "}:backoff", raw)
+    assert await backend.get_backoff(key) is None
+
+
+@pytest.mark.redis
+async def test_renew_sets_the_new_lease(backend: RedisBackend, key: str) -> None:
+    handle = await backend.acquire_lock(key, lease=1)
+    assert handle is not None
+    assert await backend.renew_lock(handle, lease=30) is True
+    assert 29_000 < await backend.client.pttl("{" + key + "}:lock") <= 30_000
+    await backend.release_lock(handle)
+
+
+class BrokenClient:
+    """A client whose every command fails as a half-initialized or wrong-loop one does."""
+
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    def register_script(self, script: str) -> object:
+        async def run(keys: list[str], args: list[object]) -> object:
+            raise self.error
+
+        return run
+
+    async def info(self, section: str) -> dict[str, object]:
+        return {}
+
+    def __getattr__(self, name: str) -> object:
+        async def command(*args: object, **kwargs: object) -> object:
+            raise self.error
+
+        return command
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RuntimeError("Event loop is closed"),
+        AttributeError("'NoneType' object has no attribute 'writelines'"),
+        KeyError("slots"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+async def test_every_client_exception_becomes_backend_error(error: Exception) -> None:
+    backend = RedisBackend(BrokenClient(error))  # type: ignore[arg-type]
+    handle = LockHandle("k", "owner")
+    calls = [
+        backend.get("k"),
+        backend.set("k", make_token()),
+        backend.delete("k"),
+        backend.delete("k", "tok"),
+        backend.acquire_lock("k", lease=1),
+        backend.renew_lock(handle, lease=1),
+        backend.release_lock(handle),
+        backend.get_backoff("k"),
+        backend.set_backoff("k", time.time() + 5),
+    ]
+    for call in calls:
+        with pytest.raises(BackendError) as caught:
+            await call
+        assert caught.value.__cause__ is error
+
+
+@pytest.mark.redis
+async def test_more_concurrent_calls_than_connections_wait_instead_of_failing(
+    redis_url: str,  # noqa: F811
+    key: str,
+) -> None:
+    # redis-py 8 raises MaxConnectionsError past a pool's max_connections (100 by
+    # default, per node on a Cluster); the backend queues instead.
+    async with RedisBackend(url=redis_url, max_connections=3) as backend:
+        await backend.set(key, make_token())
+        results = await asyncio.gather(*(backend.get(key) for _ in range(60)))
+        assert all(r is not None for r in results)
+        assert len(_single(backend).connection_pool._in_use_connections) == 0

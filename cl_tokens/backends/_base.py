@@ -77,9 +77,15 @@ class BackendURL:
         try:
             scheme, userinfo, rest = split_userinfo(url)
             parts = urlsplit(f"{scheme}://{rest}")
-            port = parts.port
         except ValueError:
             raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
+        try:
+            _check_ports(parts.netloc)
+        except ValueError:
+            raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
+        # Several hosts (redis+cluster://h1:p1,h2:p2) have no one port; the backend
+        # parses ``raw`` itself.
+        port = None if "," in parts.netloc else parts.port
         username = password = None
         raw = url
         if userinfo is not None:
@@ -99,6 +105,13 @@ class BackendURL:
             password=password,
             query=dict(parse_qsl(parts.query)),
         )
+
+
+def _check_ports(netloc: str) -> None:
+    """Raise ValueError unless each host of ``netloc`` (one, or several separated by
+    commas, as in ``redis+cluster://h1:7000,h2:7000``) has a valid port or none."""
+    for host in netloc.split(","):
+        urlsplit(f"//{host}").port  # noqa: B018 - parsing the port is the check
 
 
 def _reencode(part: str) -> str:
@@ -143,7 +156,7 @@ def redact_url(url: str) -> str:
     try:
         scheme, userinfo, rest = split_userinfo(url)
         parts = urlsplit(f"{scheme}://{rest}")
-        parts.port  # noqa: B018 - parsing the port is the check
+        _check_ports(parts.netloc)
     except ValueError:
         return "<unparseable URL>"
     user = ""

@@ -1,12 +1,28 @@
-"""The Redis backend: tokens shared by every process and machine that reach one Redis.
+"""The Redis backend: tokens shared by every process and machine that reach one Redis,
+a Redis Cluster, or a Sentinel-managed primary.
 
-A value is ``<sha256 hex of the access token>|<codec bytes>`` (see ``_codec``). The
-digest in front lets a Lua script compare-and-delete atomically by access token even
-when the rest is encrypted, without a WATCH/MULTI round trip and on Redis Cluster too;
-it is not a secret, as a hash of a random bearer token cannot be turned back into one.
-Values expire with the token (``PX`` of the time left by our clock, so a skewed Redis
-clock changes nothing). The lock is ``SET <key>:lock <owner> NX PX <lease>``, released
-by a Lua compare-and-delete so only its owner can release it.
+Keys. The cache key ``K`` (opaque) maps to ``{K}`` (the token), ``{K}:lock`` and
+``{K}:backoff``: one hash tag, so on a Cluster a scope's three keys share a slot and
+one master, and a Lua script may touch them together.
+
+Values. A token is ``<sha256 hex of the access token>|<codec bytes>`` (see ``_codec``).
+The digest in front lets a Lua script compare-and-delete by access token even when the
+rest is encrypted; it is not a secret (a hash of a random bearer token cannot be turned
+back into one). Values expire with the token (``PX`` of the time left by our clock, so a
+skewed Redis clock changes nothing), or for a customer token with its refresh token
+(``Token.keep_until``); a back-off is the wall-clock ``retry_at`` as text,
+expiring at ``retry_at`` the same way. The lock is ``SET {K}:lock <owner> NX PX <lease>``;
+only its owner may renew (``PEXPIRE``) or release it (Lua compare-and-delete).
+
+Event loops and fork: see ``_redis_loops`` (one built client per loop; in a forked
+child the parent's connections are detached, never closed).
+
+Failure model. A failover may lose the last writes to the old primary (Redis
+replication is asynchronous): a lost token costs one extra fetch, a lost release or a
+lock copied to the new primary costs at most one lease, and a lost back-off lets one
+more request through. A lost delete may bring back, for the rest of its life, a token
+deleted moments before (after a 401, or a revoke); the manager's 401 path deletes it
+again. No failover makes a process serve a token that was not issued.
 """
 
 from __future__ import annotations
@@ -14,27 +30,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import secrets
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypeAlias
+from collections.abc import AsyncIterator, Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from .._clock import Clock, SystemClock
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
+from ._redis_loops import CLUSTER_HINT, Bound, LoopClients
+from ._redis_urls import SCHEMES, RedisTarget, build_client, parse_redis_url
 
 if TYPE_CHECKING:
-    from redis.asyncio import Redis, RedisCluster
-
-    RedisClient: TypeAlias = Redis | RedisCluster
+    from ._redis_urls import RedisClient
 
 __all__ = ["RedisBackend"]
 
 _INSTALL = "the Redis backend needs the redis package: pip install 'cl-tokens[redis]'"
 _DIGEST_LEN = 64
 _SEPARATOR = b"|"
-_LOCK_SUFFIX = ":lock"
 
 _DELETE_IF_DIGEST = """
 local value = redis.call('GET', KEYS[1])
@@ -57,6 +74,13 @@ end
 return 0
 """
 
+_RENEW_IF_OWNER = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
 _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     return redis.call('DEL', KEYS[1])
@@ -64,9 +88,15 @@ end
 return 0
 """
 
+_SCRIPTS = {
+    "delete_if_digest": _DELETE_IF_DIGEST,
+    "acquire": _ACQUIRE,
+    "renew": _RENEW_IF_OWNER,
+    "release": _RELEASE_IF_OWNER,
+}
 
 # Releases started for cancelled lock attempts: held here so they are not collected
-# before they finish.
+# before they finish. (A failed release is retried by the manager, in _shared.)
 _RELEASES: set[asyncio.Future[None]] = set()
 
 
@@ -74,32 +104,46 @@ def _digest(access_token: str) -> str:
     return hashlib.sha256(access_token.encode()).hexdigest()
 
 
-def _safe_url(url: BackendURL) -> str:
-    """Scheme, user, host, port and database only: no password, no query (which may
-    hold one)."""
-    user = url.username or ""
-    if url.password:
-        user += ":***"
-    netloc = (f"{user}@" if user else "") + (url.host or "")
-    if url.port is not None:
-        netloc += f":{url.port}"
-    return f"{url.scheme}://{netloc}{url.path}"
+def _token_key(key: str) -> str:
+    return "{" + key + "}"
+
+
+def _lock_key(key: str) -> str:
+    return "{" + key + "}:lock"
+
+
+def _backoff_key(key: str) -> str:
+    return "{" + key + "}:backoff"
 
 
 class RedisBackend(TokenBackend):
-    """Tokens in Redis (or Redis Cluster), shared by every process that can reach it.
+    """Tokens in Redis, Redis Cluster or a Sentinel-managed Redis, shared by every process
+    that can reach it.
 
-    Give either a ready client or a URL. A client you pass stays yours: ``aclose`` does
-    not close it. A client built from ``url`` gets short timeouts and a single quick
-    retry, so a dead Redis fails in about ``socket_timeout`` seconds instead of stalling
-    the token path; options in the URL's query (``?socket_timeout=3``) win over these.
+    Give either a client or a URL. A client you pass stays yours: ``aclose`` does not
+    close it (see the module docstring for what happens to it on a new event loop or
+    after ``fork``). Any redis-py asyncio client works: ``Redis``, ``RedisCluster``
+    (initialized or not: the backend initializes it once, before its first concurrent
+    command), or ``Sentinel(...).master_for(service)``. A client built from ``url`` gets
+    short timeouts and a single quick retry, so a dead Redis fails in about
+    ``socket_timeout`` seconds instead of stalling the token path; options in the URL's
+    query (``?socket_timeout=3``) win over these.
 
-    URLs: ``redis://[user:password@]host[:port][/db]``, ``rediss://`` for TLS and
-    ``redis+cluster://host:port`` for Redis Cluster. Secrets other than the Redis
-    password (``encryption_key``) are arguments, never part of the URL.
+    URLs (a password may hold raw ``/ ? # @``; percent-encode ``%``, and the others too
+    to be unambiguous)::
+
+        redis://[user:password@]host[:port][/db]            one server (rediss:// for TLS)
+        redis+cluster://[user:password@]h1:p1[,h2:p2...]    Redis Cluster, seed nodes
+        redis+sentinel://[user:password@]s1:p1[,s2:p2...]/<service>[/<db>]
+                                                            the primary that Sentinel names
+
+    with ``rediss+cluster://`` and ``rediss+sentinel://`` for TLS. A ``redis://`` URL
+    that reaches a Cluster node fails at first use with a message that says to use
+    ``redis+cluster://``. Secrets other than the Redis password (``encryption_key``) are
+    arguments, never part of the URL.
 
     Args:
-        client: a ``redis.asyncio.Redis`` or ``RedisCluster`` to use as is.
+        client: a redis-py asyncio client to use as is.
         url: where to connect, when no ``client`` is given.
         encryption_key: a Fernet key, or a list of them (the first encrypts), to store
             tokens encrypted; needs ``pip install 'cl-tokens[encryption]'``.
@@ -110,10 +154,11 @@ class RedisBackend(TokenBackend):
 
     Raises:
         ConfigurationError: the redis package is missing, both or neither of ``client``
-            and ``url`` are given, or the URL is not a Redis one.
+            and ``url`` are given, or the URL is not one of the above (a Cluster URL
+            with a database other than 0, a Sentinel URL without a service...).
     """
 
-    schemes = ("redis", "rediss", "redis+cluster")
+    schemes = SCHEMES
 
     def __init__(
         self,
@@ -126,44 +171,41 @@ class RedisBackend(TokenBackend):
         **client_options: Any,
     ) -> None:
         try:
-            from redis.exceptions import RedisError
+            import redis.asyncio  # noqa: F401
         except ImportError:
             raise ConfigurationError(_INSTALL) from None
-        self._client: RedisClient
+        self._injected: Any = None
+        self._target: RedisTarget | None = None
         if client is not None and url is None:
             if client_options:
                 raise ConfigurationError(
                     f"client options ({', '.join(sorted(client_options))}) apply only to a "
                     "client built from url="
                 )
-            self._client = client
-            self._owns_client = False
+            self._injected = client
             self._where = f"client={type(client).__name__}"
         elif url is not None and client is None:
-            parsed = BackendURL.parse(url)
-            self._client = _build_client(parsed, socket_timeout, client_options)
-            self._owns_client = True
-            self._where = f"url={_safe_url(parsed)!r}"
+            self._target = parse_redis_url(url)
+            self._where = f"url={self._target.safe!r}"
         else:
             raise ConfigurationError("RedisBackend takes a client or a url: exactly one of them")
         self._codec = make_codec(encryption_key)
         self._clock: Clock = clock or SystemClock()
-        # asyncio.TimeoutError is OSError's TimeoutError only from Python 3.11.
-        self._errors: tuple[type[BaseException], ...] = (
-            RedisError,
-            OSError,
-            asyncio.TimeoutError,
+        build = None
+        if self._target is not None:
+            build = partial(build_client, self._target, socket_timeout, client_options)
+        # Bad options fail here, as a ConfigurationError, not at first use.
+        self._clients = LoopClients(
+            injected=self._injected, build=build, where=self._where, scripts=_SCRIPTS
         )
-        self._delete_if_digest = self._client.register_script(_DELETE_IF_DIGEST)
-        self._release_if_owner = self._client.register_script(_RELEASE_IF_OWNER)
-        self._acquire = self._client.register_script(_ACQUIRE)
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> RedisBackend:
-        """Build from ``redis://``, ``rediss://`` or ``redis+cluster://``.
+        """Build from any of the URLs in the class docstring.
 
         Args:
-            url: the parsed URL.
+            url: the parsed URL (``url.raw`` is parsed again here: urllib cannot read a
+                list of hosts).
             **options: keyword arguments of the constructor (``encryption_key``,
                 ``socket_timeout``, ``clock``, client options).
         """
@@ -179,18 +221,51 @@ class RedisBackend(TokenBackend):
 
     @property
     def client(self) -> RedisClient:
-        """The Redis client in use."""
-        return self._client
+        """The Redis client in use on the running event loop (or the last one used)."""
+        with self._wrap_errors("bind to this event loop", "the backend"):
+            return self._clients.current()  # type: ignore[no-any-return]
+
+    async def connect(self) -> None:
+        """Connect now (and initialize a Cluster client) instead of at the first call,
+        which otherwise pays for it: a Cluster client reads the server's COMMAND table
+        (about 0.2 s; seconds on a loaded machine). Optional; safe to call again."""
+        with self._wrap_errors("connect to", self._where):
+            await self._clients.use()
+
+    @contextlib.asynccontextmanager
+    async def _command(self, action: str, key: str) -> AsyncIterator[Bound]:
+        """The client for this loop, for one command: errors wrapped, and no more
+        commands in flight than the client has connections (redis-py 8 raises
+        MaxConnectionsError past them, where it could wait)."""
+        with self._wrap_errors(action, key):
+            bound = await self._clients.use()
+            if bound.limit is None:
+                yield bound
+            else:
+                async with bound.limit:
+                    yield bound
+
+    # -- errors ---------------------------------------------------------------------------
 
     @contextlib.contextmanager
     def _wrap_errors(self, action: str, key: str) -> Iterator[None]:
-        """Turn Redis, socket and timeout errors into BackendError (cause kept)."""
+        """Every failure of the client becomes BackendError (cause kept): Redis errors,
+        sockets, timeouts, and the RuntimeError or AttributeError of a client caught on
+        the wrong loop or half initialized."""
         try:
             yield
-        except self._errors as exc:
-            raise BackendError(
-                f"Redis could not {action} {key}: {type(exc).__name__}: {exc}"
-            ) from exc
+        except BackendError:
+            raise
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            password = self._target.password if self._target is not None else None
+            if password:
+                text = text.replace(password, "***")
+            if text.startswith(("MovedError", "AskError")) or " MOVED " in f" {exc} ":
+                text += f" ({CLUSTER_HINT})"
+            raise BackendError(f"Redis could not {action} {key}: {text}") from exc
+
+    # -- tokens -------------------------------------------------------------------------------
 
     def _decode(self, raw: bytes | str) -> Token | None:
         # A client made with decode_responses=True hands back str; the value is ASCII.
@@ -200,40 +275,71 @@ class RedisBackend(TokenBackend):
         return self._codec.decode(data[_DIGEST_LEN + 1 :])
 
     async def get(self, key: str) -> Token | None:
-        with self._wrap_errors("read", key):
-            raw = await self._client.get(key)
+        async with self._command("read", key) as bound:
+            raw = await bound.client.get(_token_key(key))
         if raw is None:
             return None
         token = self._decode(raw)
-        if token is None or token.expires_at <= self._clock.time():
+        if token is None or token.keep_until <= self._clock.time():
             return None
         return token
 
     async def set(self, key: str, token: Token) -> None:
         value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
-        ttl_ms = int((token.expires_at - self._clock.time()) * 1000)
-        with self._wrap_errors("write", key):
+        # Kept while its refresh token lives, for a customer token (``keep_until``).
+        ttl_ms = _ms_until(token.keep_until, self._clock.time())
+        async with self._command("write", key) as bound:
             if ttl_ms <= 0:
                 # Storing an expired token means holding none (as a later get would say).
-                await self._client.delete(key)
+                await bound.client.delete(_token_key(key))
             else:
-                await self._client.set(key, value, px=ttl_ms)
+                await bound.client.set(_token_key(key), value, px=ttl_ms)
 
     async def delete(self, key: str, access_token: str | None = None) -> bool:
-        with self._wrap_errors("delete", key):
+        async with self._command("delete", key) as bound:
             if access_token is None:
-                deleted = await self._client.delete(key)
+                deleted = await bound.client.delete(_token_key(key))
             else:
-                deleted = await self._delete_if_digest(keys=[key], args=[_digest(access_token)])
+                deleted = await bound.scripts["delete_if_digest"](
+                    keys=[_token_key(key)], args=[_digest(access_token)]
+                )
         return bool(deleted)
+
+    # -- back-off -------------------------------------------------------------------------
+
+    async def get_backoff(self, key: str) -> float | None:
+        async with self._command("read the back-off of", key) as bound:
+            raw = await bound.client.get(_backoff_key(key))
+        if raw is None:
+            return None
+        try:
+            retry_at = float(raw)
+        except (TypeError, ValueError, OverflowError):
+            return None  # junk is no back-off
+        if not math.isfinite(retry_at) or retry_at <= self._clock.time():
+            return None
+        return retry_at
+
+    async def set_backoff(self, key: str, retry_at: float) -> None:
+        if not math.isfinite(retry_at):
+            raise BackendError(f"a back-off must end at a finite time, not {retry_at!r}")
+        ttl_ms = _ms_until(retry_at, self._clock.time())
+        async with self._command("write the back-off of", key) as bound:
+            if ttl_ms <= 0:
+                await bound.client.delete(_backoff_key(key))
+            else:
+                await bound.client.set(_backoff_key(key), repr(float(retry_at)), px=ttl_ms)
+
+    # -- locks ----------------------------------------------------------------------------
 
     async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
         owner = secrets.token_hex(16)
-        lease_ms = max(1, int(lease * 1000))
         handle = LockHandle(key, owner)
         try:
-            with self._wrap_errors("lock", key):
-                taken = await self._acquire(keys=[key + _LOCK_SUFFIX], args=[owner, lease_ms])
+            async with self._command("lock", key) as bound:
+                taken = await bound.scripts["acquire"](
+                    keys=[_lock_key(key)], args=[owner, _lease_ms(lease)]
+                )
         except asyncio.CancelledError:
             # The SET may have reached Redis before the cancellation: release by owner
             # (a no-op if it did not), or the lock would block others for its lease.
@@ -243,40 +349,40 @@ class RedisBackend(TokenBackend):
             raise
         return handle if taken else None
 
+    async def renew_lock(self, handle: LockHandle, *, lease: float) -> bool:
+        """Extend the lock to ``lease`` seconds from now, only if ``handle`` still owns it."""
+        async with self._command("renew the lock on", handle.key) as bound:
+            renewed = await bound.scripts["renew"](
+                keys=[_lock_key(handle.key)], args=[handle.owner, _lease_ms(lease)]
+            )
+        return bool(renewed)
+
     async def _release_quietly(self, handle: LockHandle) -> None:
-        try:
-            await self.release_lock(handle)
-        except Exception:
-            pass
+        # Best effort, in the background: a lock left behind expires with its lease.
+        with contextlib.suppress(Exception):
+            await self._release(handle)
 
     async def release_lock(self, handle: LockHandle) -> None:
-        with self._wrap_errors("unlock", handle.key):
-            await self._release_if_owner(keys=[handle.key + _LOCK_SUFFIX], args=[handle.owner])
+        await self._release(handle)
+
+    async def _release(self, handle: LockHandle) -> None:
+        async with self._command("unlock", handle.key) as bound:
+            await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
+
+    # -- lifecycle ------------------------------------------------------------------------
 
     async def aclose(self) -> None:
-        if self._owns_client:
-            with self._wrap_errors("close the connection for", "the backend"):
-                await self._client.aclose()
+        """Close the clients this backend built (never an injected one); the backend
+        may still be used afterwards, and builds a new one."""
+        with self._wrap_errors("close the connection for", "the backend"):
+            await self._clients.aclose()
 
 
-def _build_client(url: BackendURL, socket_timeout: float, options: dict[str, Any]) -> RedisClient:
-    from redis.asyncio import Redis, RedisCluster
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff
+def _ms_until(when: float, now: float) -> int:
+    return math.ceil((when - now) * 1000) if when - now < 1e12 else 10**15
 
-    if url.scheme not in RedisBackend.schemes:
-        raise ConfigurationError(
-            f"RedisBackend takes redis://, rediss:// or redis+cluster:// URLs, not {_safe_url(url)}"
-        )
-    settings: dict[str, Any] = {
-        "socket_timeout": socket_timeout,
-        "socket_connect_timeout": socket_timeout,
-        # One quick retry heals a pooled connection that a Redis restart broke; the
-        # default (10 retries) would hold the token path for seconds on a dead server.
-        "retry": Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.1), retries=1),
-        **options,
-    }
-    if url.scheme == "redis+cluster":
-        # Connects lazily, on the first command, like the single-node client.
-        return RedisCluster.from_url("redis://" + url.raw.split("://", 1)[1], **settings)
-    return Redis.from_url(url.raw, **settings)
+
+def _lease_ms(lease: float) -> int:
+    if not math.isfinite(lease) or lease <= 0:
+        raise BackendError(f"a lock lease must be a positive number of seconds, not {lease!r}")
+    return max(1, int(lease * 1000))

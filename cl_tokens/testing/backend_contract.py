@@ -221,6 +221,74 @@ class BackendContract:
         assert handle is not None, "the lock was not released"
         await backend.release_lock(handle)
 
+    async def test_renew_extends_only_the_owners_lock(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        handle = await backend.acquire_lock(key, lease=0.5)
+        assert handle is not None
+        assert await backend.renew_lock(handle, lease=10) is True
+        if type(backend).renew_lock is TokenBackend.renew_lock:
+            # The documented default: locks that die with their holder need no renewal.
+            await backend.release_lock(handle)
+            return
+        assert await backend.renew_lock(LockHandle(key, "not-the-owner"), lease=10) is False
+        await asyncio.sleep(0.8)  # past the first lease: only the renewal holds it now
+        assert await backend.acquire_lock(key, lease=10) is None
+        await backend.release_lock(handle)
+        assert await backend.renew_lock(handle, lease=10) is False  # released: not ours
+
+    async def test_a_lapsed_lease_cannot_be_renewed(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        if type(backend).renew_lock is TokenBackend.renew_lock:
+            assert await backend.renew_lock(LockHandle(key_prefix + "k", "x"), lease=1) is True
+            return
+        key = key_prefix + "k"
+        stale = await backend.acquire_lock(key, lease=0.1)
+        assert stale is not None
+        await asyncio.sleep(0.25)
+        fresh = await backend.acquire_lock(key, lease=10)
+        assert fresh is not None
+        assert await backend.renew_lock(stale, lease=10) is False
+        await backend.release_lock(fresh)
+
+    # -- back-off ------------------------------------------------------------------------
+
+    async def test_backoff_round_trip_and_expiry(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        assert await backend.get_backoff(key) is None
+        if type(backend).get_backoff is TokenBackend.get_backoff:
+            await backend.set_backoff(key, time.time() + 30)  # accepted, kept in-process
+            return
+        retry_at = time.time() + 30
+        await backend.set_backoff(key, retry_at)
+        stored = await backend.get_backoff(key)
+        assert stored is not None
+        assert abs(stored - retry_at) < 0.01
+        assert await backend.get_backoff(key_prefix + "other") is None
+        assert await backend.get(key) is None  # a back-off is not a token
+        await backend.set_backoff(key, time.time() + 0.3)  # a later write replaces it
+        assert (await backend.get_backoff(key) or 0) < retry_at
+        await asyncio.sleep(0.5)
+        assert await backend.get_backoff(key) is None  # expired with its retry_at
+        await backend.set_backoff(key, time.time() - 1)  # already over: none in force
+        assert await backend.get_backoff(key) is None
+
+    async def test_backoff_and_token_live_side_by_side(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        token = make_token()
+        await backend.set(key, token)
+        await backend.set_backoff(key, time.time() + 30)
+        assert await backend.get(key) == token
+        assert await backend.delete(key) is True
+        if type(backend).get_backoff is not TokenBackend.get_backoff:
+            assert await backend.get_backoff(key) is not None  # deleting a token keeps it
+
     # -- secrets and lifecycle ---------------------------------------------------------------
 
     async def test_no_secret_at_rest(self, backend: TokenBackend, key_prefix: str) -> None:
