@@ -149,11 +149,6 @@ async def test_rejected_credentials_say_it_once(
     assert "token request rejected" in assert_one_error_line(run)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="RedisBackend (branch redis) refuses a non-numeric database; "
-    "on main redis-py silently takes db 0. Remove this mark when that branch lands.",
-)
 async def test_a_redis_url_with_a_bad_database_is_a_configuration_error(
     env: dict[str, str],
 ) -> None:

@@ -461,7 +461,7 @@ def test_from_mapping_unknown_keys_are_named() -> None:
     message = str(error.value)
     assert "'safty_margin' (did you mean 'safety_margin'?)" in message
     assert "'colour'" in message
-    assert "known: attempt_timeout, attempts," in message
+    assert "known: allow_plaintext_refresh_tokens, attempt_timeout, attempts," in message
 
 
 def test_from_mapping_problems_are_named_by_key() -> None:
