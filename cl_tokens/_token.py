@@ -7,6 +7,7 @@ import binascii
 import json
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,7 +61,7 @@ def fingerprint(secret: str | None) -> str:
 
 
 @dataclass(frozen=True)
-class TokenClaims:
+class TokenClaims(Mapping[str, Any]):
     """The unverified payload of a Commerce Layer JWT, with typed helpers.
 
     Commerce Layer puts ``organization`` (``slug``, ``id``), ``application``
@@ -69,6 +70,16 @@ class TokenClaims:
     """
 
     payload: dict[str, Any]
+
+    # A read-only Mapping over the payload: claims["organization"]["slug"] works too.
+    def __getitem__(self, name: str) -> Any:
+        return self.payload[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.payload)
+
+    def __len__(self) -> int:
+        return len(self.payload)
 
     def _section(self, name: str) -> dict[str, Any]:
         value = self.payload.get(name)

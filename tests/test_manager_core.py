@@ -441,3 +441,16 @@ async def test_encryption_key_is_a_keyword_argument(tmp_path: Path) -> None:
             encryption_key=key,
             backend_options={"encryption_key": key},
         )
+
+
+async def test_claims_are_a_read_only_mapping_over_the_payload(
+    server: FakeAuthServer, make_manager: MakeManager
+) -> None:
+    claims = (await make_manager().token()).claims
+    assert claims is not None
+    assert claims["organization"]["slug"] == claims.organization_slug == "fake-org"
+    assert "exp" in claims
+    assert len(claims) == len(claims.payload)
+    assert dict(claims) == claims.payload
+    with pytest.raises(TypeError):
+        claims["exp"] = 0  # type: ignore[index]

@@ -104,3 +104,12 @@ def integrate_sync(manager: SyncTokenManager) -> None:
         session.get("https://demo.commercelayer.io/api/skus").raise_for_status()
     with httpx.Client(auth=manager.httpx_auth()) as client:
         client.get("https://demo.commercelayer.io/api/skus").raise_for_status()
+
+
+async def readme_claims(manager: TokenManager) -> None:
+    token = await manager.token()
+    claims = token.claims
+    if claims is not None:
+        slug: str | None = claims.organization_slug
+        organization = claims["organization"]
+        del slug, organization
