@@ -15,6 +15,7 @@ from ._clock import Clock
 from ._errors import ConfigurationError, TokenEndpointError
 from ._grants import CLIENT_CREDENTIALS, Grant
 from ._http import Answer, error_for, loads_json, oversized_error, post, redactor
+from ._metrics import metrics
 from ._token import Token
 from .backends._base import split_userinfo
 
@@ -127,16 +128,31 @@ class TokenEndpoint:
         """One POST to the token endpoint, answered within ``timeout`` seconds."""
         sent_at = self._clock.time()
         redact = self.redact if not grant.fields else redactor(self._client_secret, *grant.secrets)
-        answer = await post(
-            await self._session(),
-            self.auth_url,
-            body=grant.body(self._client_id, self._client_secret, scope),
-            form=self._body_encoding == "form",
-            headers=self._headers,
-            timeout=timeout,
-            what="token endpoint",
-            redact=redact,
+        try:
+            answer = await post(
+                await self._session(),
+                self.auth_url,
+                body=grant.body(self._client_id, self._client_secret, scope),
+                form=self._body_encoding == "form",
+                headers=self._headers,
+                timeout=timeout,
+                what="token endpoint",
+                redact=redact,
+            )
+        except TokenEndpointError:
+            metrics.token_request(grant.label, "error")
+            raise
+        status = answer.status
+        outcome = (
+            "ok"
+            if status == 200
+            else "rate_limited"
+            if status == 429
+            else "rejected"
+            if status in (400, 401, 403)
+            else "error"
         )
+        metrics.token_request(grant.label, outcome)
         if answer.status == 200:
             return self._token_from(answer, scope, sent_at, grant)
         raise error_for(

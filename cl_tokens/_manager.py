@@ -43,6 +43,7 @@ from ._lifecycle import (
     warn_unclosed,
 )
 from ._memory_tier import Entry, MemoryTier, ScopeArg
+from ._metrics import metrics
 from ._retry import with_retries
 from ._shared import UNAVAILABLE, SharedTier
 from ._singleflight import SingleFlight
@@ -231,6 +232,8 @@ class TokenManager(CustomerTokens):
         self._closed = False
         self._init_customers()
         LIVE.add(self)
+        self._gauge = partial(_time_left, weakref.ref(self))
+        metrics.watch(self._gauge)
 
     def _build_backend(
         self, backend: TokenBackend | str | None, options: dict[str, Any]
@@ -433,6 +436,7 @@ class TokenManager(CustomerTokens):
         if self._closed:
             return
         self._closed = True
+        metrics.unwatch(self._gauge)
         self._tier.clear_hot()
         self._tier.cancel_timers()
         loop = asyncio.get_running_loop()
@@ -495,6 +499,7 @@ class TokenManager(CustomerTokens):
             # Not usable here, whatever the wall clock of the shared copy says (it may
             # have been stepped back): a read of the backend must not bring it back.
             self._reject(key, entry.token.access_token, entry.token.expires_at)
+        metrics.cache_miss("memory")
         self._tier.await_flight(key, scope_arg)
         return self._flights.join(key, partial(self._obtain, key, scope, None))
 
@@ -536,8 +541,11 @@ class TokenManager(CustomerTokens):
         stored = await self._shared.read(key)
         if self._acceptable(key, stored, stale):
             return self._install(key, stored)  # type: ignore[arg-type]
+        metrics.cache_miss("shared")
         await self._throttle.check_shared(key)
+        began = metrics.now()
         outcome = await self._lock_or_token(key, stale)
+        metrics.lock_wait(metrics.now() - began)
         if isinstance(outcome, Token):
             return self._install(key, outcome)
         try:
@@ -623,6 +631,13 @@ class TokenManager(CustomerTokens):
             await asyncio.sleep(self._tuning.lock_poll_interval * self._rng.uniform(0.5, 1.5))
 
     async def _fetch(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
+        began = metrics.now()
+        try:
+            return await self._fetch_once(key, scope, refreshing=refreshing)
+        finally:
+            metrics.fetch_duration(metrics.now() - began)
+
+    async def _fetch_once(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
         if key in self._owners:
             return await self._renew(key, scope)
         tuning = self._tuning
@@ -778,3 +793,20 @@ class TokenManager(CustomerTokens):
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         warn_unclosed(self, _warn)
+
+
+def _time_left(
+    manager_ref: weakref.ref[TokenManager],
+) -> list[tuple[float, dict[str, str]]] | None:
+    """The metrics gauge's view of one manager: seconds left per cached token."""
+    manager = manager_ref()
+    if manager is None:
+        return None
+    now = manager._clock.time()
+    return [
+        (
+            token.expires_at - now,
+            {"scope": token.scope or "", "kind": "customer" if token.owner_id else "app"},
+        )
+        for token in manager._tier.tokens_held()
+    ]

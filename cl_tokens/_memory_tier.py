@@ -89,6 +89,10 @@ class MemoryTier:
         else:
             pending.add(scope_arg)
 
+    def tokens_held(self) -> list[Token]:
+        """The tokens of every entry (for metrics)."""
+        return [entry.token for entry in self._entries.values()]
+
     def keys(self) -> set[str]:
         """The keys that have an entry."""
         return set(self._entries)

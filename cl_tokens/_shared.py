@@ -17,6 +17,7 @@ from ._clock import Clock
 from ._errors import BackendError
 from ._http import safe_text
 from ._keys import CredentialKeys
+from ._metrics import metrics
 from ._token import Token
 from .backends import LockHandle, TokenBackend
 
@@ -101,6 +102,7 @@ class SharedTier:
             # A store that hangs (a blackholed host, a stuck filesystem) is a failed store.
             result = await within(call, self._timeout)
         except Exception as exc:
+            metrics.backend_error()
             if isinstance(exc, asyncio.TimeoutError):
                 reason = f"no answer within {self._timeout:g} s"
             else:
