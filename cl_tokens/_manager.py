@@ -90,8 +90,10 @@ class TokenManager(CustomerTokens):
         body_encoding: ``"json"`` (what Commerce Layer documents) or ``"form"``
             (``application/x-www-form-urlencoded``, what RFC 6749 servers expect).
         clock: wall and monotonic time; inject one to test expiry without sleeping.
-        **tuning: any option of ``cl_tokens.Tuning`` (safety_margin, refresh_window,
-            attempts, fetch_deadline, strict, ...), with the defaults documented there.
+
+    Every option of ``cl_tokens.Tuning`` (safety_margin, refresh_window, attempts,
+    fetch_deadline, throttle_cap, lock_lease, strict, max_customers, ...) is a keyword
+    argument too, with the defaults documented there.
 
     Raises:
         ConfigurationError: listing every invalid argument.

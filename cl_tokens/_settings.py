@@ -76,7 +76,8 @@ class Settings(Tuning):
             list them comma-separated, new first: the first encrypts, all decrypt.
             Each key is checked here, and reported under this field's name.
         body_encoding: ``"json"`` (Commerce Layer) or ``"form"`` (RFC 6749 servers).
-        **tuning: any option of ``Tuning`` (``safety_margin``, ``attempts``, ...).
+
+    Every option of ``Tuning`` (``safety_margin``, ``attempts``, ...) is a field too.
 
     Raises:
         ConfigurationError: listing every invalid field by name.
