@@ -94,3 +94,21 @@ async def test_backend_errors_are_counted(reader: InMemoryMetricReader) -> None:
         await manager.aclose()
     after = sum(p.value for p in points(reader)["cl_tokens.backend.errors"])
     assert after > before
+
+
+async def test_a_warm_header_calls_no_metrics(
+    reader: InMemoryMetricReader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with FakeAuthServer(client_secret=SECRET) as server:
+        manager = TokenManager(server.client_id, SECRET, auth_url=server.url)
+        await manager.header()  # cold: counted
+
+        def refuse(*args: Any, **kwargs: Any) -> None:
+            raise AssertionError("a metrics call on the hot path")
+
+        for name in ("token_request", "fetch_duration", "cache_miss", "lock_wait", "now"):
+            monkeypatch.setattr(metrics, name, refuse)
+        for _ in range(1000):
+            await manager.header()
+        monkeypatch.undo()
+        await manager.aclose()
