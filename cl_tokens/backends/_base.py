@@ -1,6 +1,6 @@
 """The shared-cache strategy: the ``TokenBackend`` base class, its URL registry and factory.
 
-A backend stores tokens under opaque keys (``cl_tokens:v1:<hash>``, never a secret),
+A backend stores tokens under opaque keys (``cl_tokens:v2:<hmac>``, never a secret),
 deletes one only if it still holds a given access token, and offers a cross-process
 lock with a lease. To add one (memcached, a database...): subclass ``TokenBackend``,
 set ``schemes``, implement the five abstract methods, and run the contract suite
