@@ -1,14 +1,20 @@
-"""A manager's life around its event loop and process: the periodic clock check, the
-reset of a forked child, and the validation of its arguments."""
+"""A manager's life around its event loop and process: binding to a loop, the periodic
+clock check, the reset of a forked child, and the validation of its arguments."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import weakref
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+import aiohttp
+
 from ._endpoint import auth_url_problem
+from ._errors import ConfigurationError, TokenError
+from ._http import check_session
+from .backends import TokenBackend
 
 if TYPE_CHECKING:
     from ._manager import TokenManager
@@ -17,9 +23,12 @@ __all__ = [
     "INHERITED",
     "LIVE",
     "argument_problems",
+    "backend_problems",
+    "bind_loop",
     "check_clock",
     "forget_idle",
     "reset_after_fork",
+    "time_left",
     "warn_unclosed",
 ]
 
@@ -99,6 +108,38 @@ def argument_problems(
     return problems
 
 
+def backend_problems(
+    problems: list[str],
+    backend: object,
+    backend_options: Mapping[str, Any] | None,
+    encryption_key: object,
+    session: object,
+) -> dict[str, Any]:
+    """Add the problems of the backend and session arguments to ``problems``; return
+    the options to build a backend from a URL with."""
+    options = dict(backend_options or {})
+    if backend is not None and not isinstance(backend, (str, TokenBackend)):
+        problems.append("backend must be a URL string or a TokenBackend instance")
+    if encryption_key is not None:
+        if not isinstance(backend, str):
+            problems.append(
+                "encryption_key applies to a backend built from a URL "
+                "(file:// or redis://); configure a TokenBackend instance itself"
+            )
+        elif "encryption_key" in options:
+            problems.append("encryption_key is given twice (also in backend_options)")
+        else:
+            options["encryption_key"] = encryption_key
+    if session is not None and not isinstance(session, aiohttp.ClientSession):
+        problems.append("session must be an aiohttp.ClientSession")
+    elif session is not None:
+        try:
+            check_session(session)
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+    return options
+
+
 def forget_idle(manager: TokenManager) -> None:
     """Drop per-key state whose token expired or whose error state ended, so memory
     is bounded by the live tokens, not by every scope ever asked for."""
@@ -164,3 +205,58 @@ def warn_unclosed(manager: TokenManager, warn: Any) -> None:
                 loop.call_soon_threadsafe(keeper.cancel)
             except RuntimeError:
                 pass
+
+
+def bind_loop(manager: TokenManager) -> None:
+    """Bind ``manager`` to the running loop: refuse a second running loop, adopt a new
+    one after the old one finished, and keep the clock-check task running."""
+    loop = asyncio.get_running_loop()
+    if loop is not manager._loop:
+        old = manager._loop
+        if old is not None and not old.is_closed() and old.is_running():
+            raise TokenError(
+                "this TokenManager is in use by another running event loop; "
+                "create one manager per event loop (thread)"
+            )
+        _move_to(manager, loop)
+    if manager._keeper is None or manager._keeper.done():
+        # The task holds the manager weakly: a manager dropped without aclose() can
+        # be collected (and says so with a ResourceWarning), ending this task.
+        manager._keeper = loop.create_task(
+            check_clock(weakref.ref(manager), loop, manager._tuning.clock_check_interval),
+            name="cl_tokens clock check",
+        )
+
+
+def _move_to(manager: TokenManager, loop: asyncio.AbstractEventLoop) -> None:
+    """Adopt a new event loop after the old one finished: drop what belonged to it."""
+    manager._tier.clear_hot()
+    manager._tier.rearm(loop)
+    manager._flights.forget()
+    if manager._keeper is not None and not manager._keeper.done():
+        # Its loop was closed under it: asyncio would report it "destroyed but
+        # pending" at collection, about a task the user never made.
+        manager._keeper._log_destroy_pending = False  # type: ignore[attr-defined]
+    manager._keeper = None
+    if manager._own_session is not None:
+        # Its connections belong to the old loop; they cannot be closed from here.
+        manager._own_session.detach()
+        manager._own_session = None
+    manager._loop = loop
+
+
+def time_left(
+    manager_ref: weakref.ref[TokenManager],
+) -> list[tuple[float, dict[str, str]]] | None:
+    """The metrics gauge's view of one manager: seconds left per cached token."""
+    manager = manager_ref()
+    if manager is None:
+        return None
+    now = manager._clock.time()
+    return [
+        (
+            token.expires_at - now,
+            {"scope": token.scope or "", "kind": "customer" if token.owner_id else "app"},
+        )
+        for token in manager._tier.tokens_held()
+    ]

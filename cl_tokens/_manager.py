@@ -15,7 +15,7 @@ import logging
 import random
 import warnings
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -32,16 +32,18 @@ from ._errors import (
     TokenEndpointError,
     TokenError,
 )
-from ._http import check_session
 from ._keys import credential_keys
 from ._lifecycle import (
     LIVE,
     argument_problems,
-    check_clock,
+    backend_problems,
+    bind_loop,
     forget_idle,
     reset_after_fork,
+    time_left,
     warn_unclosed,
 )
+from ._manager_extras import ManagerExtras
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._metrics import metrics
 from ._retry import with_retries
@@ -54,9 +56,6 @@ from ._version import __version__
 from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
 if TYPE_CHECKING:
-    from ._aiohttp_middleware import TokenMiddleware
-    from ._httpx_auth import TokenAuth
-    from ._settings import Settings
     from .backends._codec import EncryptionKey
 
 __all__ = ["DEFAULT_AUTH_URL", "TokenManager"]
@@ -66,7 +65,7 @@ logger = logging.getLogger("cl_tokens")
 DEFAULT_AUTH_URL = "https://auth.commercelayer.io/oauth/token"
 
 
-class TokenManager(CustomerTokens):
+class TokenManager(CustomerTokens, ManagerExtras):
     """Gets, caches and shares OAuth2 client_credentials tokens.
 
     ``await manager.header()`` costs about a dict lookup while a token is cached; on a
@@ -135,26 +134,7 @@ class TokenManager(CustomerTokens):
         allow_plaintext_refresh_tokens: bool = Tuning.allow_plaintext_refresh_tokens,
     ) -> None:
         problems = argument_problems(client_id, client_secret, scope, auth_url, body_encoding)
-        if backend is not None and not isinstance(backend, (str, TokenBackend)):
-            problems.append("backend must be a URL string or a TokenBackend instance")
-        options = dict(backend_options or {})
-        if encryption_key is not None:
-            if not isinstance(backend, str):
-                problems.append(
-                    "encryption_key applies to a backend built from a URL "
-                    "(file:// or redis://); configure a TokenBackend instance itself"
-                )
-            elif "encryption_key" in options:
-                problems.append("encryption_key is given twice (also in backend_options)")
-            else:
-                options["encryption_key"] = encryption_key
-        if session is not None and not isinstance(session, aiohttp.ClientSession):
-            problems.append("session must be an aiohttp.ClientSession")
-        elif session is not None:
-            try:
-                check_session(session)
-            except ConfigurationError as exc:
-                problems.append(str(exc))
+        options = backend_problems(problems, backend, backend_options, encryption_key, session)
         try:
             self._tuning = Tuning(
                 safety_margin=safety_margin,
@@ -234,7 +214,7 @@ class TokenManager(CustomerTokens):
         self._closed = False
         self._init_customers()
         LIVE.add(self)
-        self._gauge = partial(_time_left, weakref.ref(self))
+        self._gauge = partial(time_left, weakref.ref(self))
         metrics.watch(self._gauge)
 
     def _build_backend(
@@ -247,31 +227,6 @@ class TokenManager(CustomerTokens):
                 raise ConfigurationError("the memory backend takes no backend_options")
             return MemoryBackend(clock=self._clock)
         return backend_from_url(backend, **options)
-
-    # -- construction from settings ------------------------------------------------
-
-    @classmethod
-    def from_settings(
-        cls, settings: Settings | Mapping[str, Any], **overrides: Any
-    ) -> TokenManager:
-        """A manager from a ``Settings`` or a settings mapping (``Settings.from_mapping``).
-
-        ``overrides`` (e.g. ``session=``, ``clock=``) win over the settings.
-        """
-        from ._settings import Settings
-
-        if not isinstance(settings, Settings):
-            settings = Settings.from_mapping(settings)
-        return cls(**{**settings.manager_kwargs(), **overrides})
-
-    @classmethod
-    def from_env(
-        cls, environ: Mapping[str, str] | None = None, prefix: str = "CL_", **overrides: Any
-    ) -> TokenManager:
-        """A manager configured from environment variables (``CL_CLIENT_ID``, ...)."""
-        from ._settings import Settings
-
-        return cls.from_settings(Settings.from_env(environ, prefix=prefix), **overrides)
 
     # -- public API ----------------------------------------------------------------
 
@@ -370,68 +325,6 @@ class TokenManager(CustomerTokens):
         if dropped or deleted:
             logger.info("invalidated token %s", fingerprint(access_token))
         return dropped or deleted
-
-    async def revoke(self, scope: str | None = None) -> bool:
-        """Revoke the cached token for ``scope`` at ``{iss}/oauth/revoke`` and drop it.
-
-        The revocation URL comes from the token's ``iss`` claim, else the auth_url's
-        origin. Returns False when no token was cached (nothing to revoke).
-
-        Raises:
-            AuthenticationError: the endpoint rejected the credentials.
-            TokenEndpointError: the endpoint failed or could not be reached.
-        """
-        from ._revoke import revoke_token
-
-        self._check_open()
-        self._bind_loop()
-        key, _ = self._resolve(scope)
-        entry = self._tier.get(key)
-        token = entry.token if entry is not None else await self._shared.read(key)
-        if token is None:
-            return False
-        await revoke_token(
-            await self._get_session(),
-            token,
-            auth_url=self._auth_url,
-            client_id=self._client_id,
-            client_secret=self._client_secret,
-            timeout=self._tuning.attempt_timeout,
-            form=self._body_encoding == "form",
-        )
-        await self.invalidate(token.access_token, scope)
-        return True
-
-    def aiohttp_middleware(
-        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
-    ) -> TokenMiddleware:
-        """An aiohttp (>= 3.12) client middleware: ``ClientSession(middlewares=[...])``.
-
-        It adds the Authorization header and, on a 401 from the API, invalidates exactly
-        the token it sent and retries the request once with a fresh one.
-
-        Args:
-            scope: the scope of the tokens it sends (the manager's default when None).
-            hosts: extra hosts that may receive the token (``api.example.com`` or
-                ``*.example.com``), beyond https ``*.commercelayer.io`` and the
-                auth_url's origin.
-            customer: a customer's ``owner_id``: send their token (see ``login``).
-        """
-        from ._aiohttp_middleware import TokenMiddleware
-
-        return TokenMiddleware(self, scope=scope, hosts=hosts, customer=customer)
-
-    def httpx_auth(
-        self, *, scope: str | None = None, hosts: Iterable[str] = (), customer: str | None = None
-    ) -> TokenAuth:
-        """An ``httpx.Auth`` for ``httpx.AsyncClient`` with the middleware's behaviour.
-
-        Needs the ``httpx`` extra: ``pip install 'cl-tokens[httpx]'``. Arguments as for
-        ``aiohttp_middleware``.
-        """
-        from ._httpx_auth import TokenAuth
-
-        return TokenAuth(self, scope=scope, hosts=hosts, customer=customer)
 
     async def aclose(self) -> None:
         """Cancel and await background work; close the session and backend it owns."""
@@ -746,38 +639,7 @@ class TokenManager(CustomerTokens):
     # -- event loop and resources ------------------------------------------------------
 
     def _bind_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            old = self._loop
-            if old is not None and not old.is_closed() and old.is_running():
-                raise TokenError(
-                    "this TokenManager is in use by another running event loop; "
-                    "create one manager per event loop (thread)"
-                )
-            self._move_to(loop)
-        if self._keeper is None or self._keeper.done():
-            # The task holds the manager weakly: a manager dropped without aclose() can
-            # be collected (and says so with a ResourceWarning), ending this task.
-            self._keeper = loop.create_task(
-                check_clock(weakref.ref(self), loop, self._tuning.clock_check_interval),
-                name="cl_tokens clock check",
-            )
-
-    def _move_to(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Adopt a new event loop after the old one finished: drop what belonged to it."""
-        self._tier.clear_hot()
-        self._tier.rearm(loop)
-        self._flights.forget()
-        if self._keeper is not None and not self._keeper.done():
-            # Its loop was closed under it: asyncio would report it "destroyed but
-            # pending" at collection, about a task the user never made.
-            self._keeper._log_destroy_pending = False  # type: ignore[attr-defined]
-        self._keeper = None
-        if self._own_session is not None:
-            # Its connections belong to the old loop; they cannot be closed from here.
-            self._own_session.detach()
-            self._own_session = None
-        self._loop = loop
+        bind_loop(self)
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is not None:
@@ -795,20 +657,3 @@ class TokenManager(CustomerTokens):
 
     def __del__(self, _warn: Any = warnings.warn) -> None:
         warn_unclosed(self, _warn)
-
-
-def _time_left(
-    manager_ref: weakref.ref[TokenManager],
-) -> list[tuple[float, dict[str, str]]] | None:
-    """The metrics gauge's view of one manager: seconds left per cached token."""
-    manager = manager_ref()
-    if manager is None:
-        return None
-    now = manager._clock.time()
-    return [
-        (
-            token.expires_at - now,
-            {"scope": token.scope or "", "kind": "customer" if token.owner_id else "app"},
-        )
-        for token in manager._tier.tokens_held()
-    ]
