@@ -31,6 +31,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import logging
 import socket
 import sys
 import time
@@ -44,7 +45,7 @@ from cl_tokens import TokenManager
 from cl_tokens.backends import RedisBackend
 
 
-def _digest(authorization: str) -> str:
+def digest(authorization: str) -> str:
     return hashlib.sha256(authorization.encode()).hexdigest()[:12]
 
 
@@ -70,6 +71,18 @@ class _ToBridge(AbstractResolver):
 
     async def close(self) -> None:
         pass
+
+
+class _WarningCounter(logging.Handler):
+    """Counts the library's warnings by their format string (never the formatted
+    message, which may name a URL), so each answer says what went wrong meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.counts: Counter[str] = Counter()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[str(record.msg)] += 1
 
 
 class Worker:
@@ -105,12 +118,12 @@ class Worker:
 
     async def api_call(self, timeout: float) -> tuple[float, float, str, str]:
         """One call as an application makes it, each API request given ``timeout``
-        seconds: (header() seconds, total seconds,
-        outcome, digest of the header that worked). Outcomes: ``ok``, ``ok-after-401``,
+        seconds: (header() seconds, total seconds, outcome, digest of the last header
+        sent). Outcomes: ``ok``, ``ok-after-401``,
         ``header-failed:<error>``, ``api-failed:<error>``, ``401-twice``."""
         start = time.perf_counter()
         header_s = 0.0
-        digest = ""
+        served = ""
         for attempt in range(2):
             began = time.perf_counter()
             try:
@@ -118,7 +131,7 @@ class Worker:
             except Exception as exc:
                 return header_s, time.perf_counter() - start, f"header-failed:{_kind(exc)}", ""
             header_s += time.perf_counter() - began
-            digest = _digest(header["Authorization"])
+            served = digest(header["Authorization"])
             try:
                 async with self.api.get(
                     self.args.api_url, headers=header, timeout=aiohttp.ClientTimeout(total=timeout)
@@ -126,12 +139,12 @@ class Worker:
                     await response.read()
                     status = response.status
             except Exception as exc:
-                return header_s, time.perf_counter() - start, f"api-failed:{_kind(exc)}", digest
+                return header_s, time.perf_counter() - start, f"api-failed:{_kind(exc)}", served
             if status != 401:
                 outcome = "ok" if attempt == 0 else "ok-after-401"
-                return header_s, time.perf_counter() - start, outcome, digest
+                return header_s, time.perf_counter() - start, outcome, served
             await self.manager.invalidate(header["Authorization"].split(" ", 1)[1])
-        return header_s, time.perf_counter() - start, "401-twice", digest
+        return header_s, time.perf_counter() - start, "401-twice", served
 
     async def burst(self, at: float, scope: str) -> dict[str, Any]:
         await _until(at)
@@ -142,7 +155,7 @@ class Worker:
                 header = await self.manager.header(scope)
             except Exception as exc:
                 return time.perf_counter() - began, f"failed:{_kind(exc)}"
-            return time.perf_counter() - began, _digest(header["Authorization"])
+            return time.perf_counter() - began, digest(header["Authorization"])
 
         done = await asyncio.gather(*(caller() for _ in range(self.args.callers)))
         return {
@@ -156,6 +169,7 @@ class Worker:
         done = await asyncio.gather(*(self.api_call(timeout) for _ in range(self.args.callers)))
         return {
             "latencies": [total for _, total, _, _ in done],
+            "header_latencies": [header_s for header_s, _, _, _ in done],
             "outcomes": dict(Counter(outcome for _, _, outcome, _ in done)),
             "digests": dict(Counter(digest for _, _, outcome, digest in done if "ok" in outcome)),
         }
@@ -164,14 +178,14 @@ class Worker:
         self, at: float, until: float, callers: int, pace: float, timeout: float
     ) -> dict[str, Any]:
         await _until(at)
-        calls: list[tuple[float, float, float, str]] = []
+        calls: list[tuple[float, float, float, str, str]] = []
 
         async def caller(offset: float) -> None:
             await asyncio.sleep(offset)  # spread the callers over one pace
             while time.time() < until:
                 began = time.time()
-                header_s, total_s, outcome, _ = await self.api_call(timeout)
-                calls.append((began, header_s, total_s, outcome))
+                header_s, total_s, outcome, served = await self.api_call(timeout)
+                calls.append((began, header_s, total_s, outcome, served))
                 await asyncio.sleep(max(0.0, pace - (time.time() - began)))
 
         await asyncio.gather(*(caller(pace * i / callers) for i in range(callers)))
@@ -198,6 +212,8 @@ async def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--callers", type=int, default=50)
     args = parser.parse_args(argv)
     worker = Worker(args)
+    warnings = _WarningCounter()
+    logging.getLogger("cl_tokens").addHandler(warnings)
     await worker.backend.client.ping()  # connect now, not in the measured part
     print("READY", flush=True)
     try:
@@ -208,6 +224,7 @@ async def main(argv: list[str] | None = None) -> None:
             command = json.loads(line)
             op = command["op"]
             before = worker.token_requests
+            warnings.counts.clear()
             if op == "quit":
                 break
             if op == "burst":
@@ -225,6 +242,7 @@ async def main(argv: list[str] | None = None) -> None:
             else:
                 raise ValueError(f"unknown op {op!r}")
             result["token_requests"] = worker.token_requests - before
+            result["warnings"] = dict(warnings.counts)
             print("RESULT " + json.dumps(result), flush=True)
     finally:
         await worker.aclose()
