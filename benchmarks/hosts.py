@@ -14,7 +14,8 @@ and 50 coroutines. Measured, counting requests at the token server:
    the same new token);
 3. **partition**: 4 coroutines per worker call the API every 0.2 s (each API request
    may take 2 s); after 3 s one host's link goes down for 5 s, and half a second into
-   the cut the API starts rejecting the token. The other hosts must carry on as if
+   the cut the API starts rejecting the token. A control run does the same without the
+   cut, for comparison. The other hosts must carry on as if
    nothing happened (one request between them, no failed call); the cut host fails its
    API calls while cut off (its callers have no network) and, once back, takes the new
    token from Redis without a request of its own.
@@ -192,6 +193,9 @@ async def _run(cfg: Config, topo: Topology) -> dict[str, Any]:
             _log("invalidation rounds")
             results["invalidation"] = await _invalidation(server, workers, 2 if cfg.quick else 5)
             _log(f"partition: {HOSTS[-1]} cut off for {CUT:g} s under load")
+            # The same load and token change without a cut first: what "unaffected"
+            # means for the other hosts, measured on this machine in this run.
+            results["partition_control"] = await _partition(server, workers, topo, None)
             results["partition"] = await _partition(server, workers, topo, HOSTS[-1])
             for w in workers:
                 await w.send({"op": "quit"})
@@ -314,8 +318,10 @@ async def _invalidation(
 
 
 async def _partition(
-    server: FakeAuthServer, workers: list[_Worker], topo: Topology, cut: str
+    server: FakeAuthServer, workers: list[_Worker], topo: Topology, cut: str | None
 ) -> dict[str, Any]:
+    """Load on every host; ``cut`` (None: nobody, for the control run) is cut off for
+    ``CUT`` seconds, and the token expires ``EXPIRE_INTO_CUT`` seconds into that."""
     before = server.token_requests
     start = time.time() + 0.5
     until = start + WARM_UP + BEFORE_CUT + CUT + AFTER_CUT
@@ -331,14 +337,16 @@ async def _partition(
         await w.send(command)
     await asyncio.sleep(start + WARM_UP + BEFORE_CUT - time.time())
     cut_at = time.time()
-    await topo.set_link(cut, up=False)
+    if cut is not None:
+        await topo.set_link(cut, up=False)
     try:
         await asyncio.sleep(EXPIRE_INTO_CUT)
         _expire_all(server)
         expired_at = time.time()
         await asyncio.sleep(cut_at + CUT - time.time())
     finally:
-        await topo.set_link(cut, up=True)
+        if cut is not None:
+            await topo.set_link(cut, up=True)
     restored_at = time.time()
     answers = list(await asyncio.gather(*(w.result(until - time.time() + 60) for w in workers)))
     served_after = {
@@ -362,7 +370,7 @@ async def _partition(
             max(retried) - expired_at if retried else None
         )
     others = [h for h in HOSTS if h != cut]
-    return {
+    summary = {
         "cut_host": cut,
         "cut_s": restored_at - cut_at,
         "expired_after_cut_s": expired_at - cut_at,
@@ -374,9 +382,11 @@ async def _partition(
         "others_failed_calls": sum(
             by_host[h][w]["failed"] for h in others for w in ("before", "cut", "after")
         ),
-        "cut_host_failed_calls": {w: by_host[cut][w]["failed"] for w in WINDOWS},
-        "cut_host_header_failures": sum(by_host[cut][w]["header_failed"] for w in WINDOWS),
     }
+    if cut is not None:
+        summary["cut_host_failed_calls"] = {w: by_host[cut][w]["failed"] for w in WINDOWS}
+        summary["cut_host_header_failures"] = sum(by_host[cut][w]["header_failed"] for w in WINDOWS)
+    return summary
 
 
 def _windows(
