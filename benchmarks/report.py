@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import median
 from typing import Any
 
 __all__ = ["Row", "rows", "write_chart", "write_json", "write_markdown"]
@@ -305,6 +306,124 @@ def rows(results: dict[str, Any]) -> list[Row]:
                     one["rounds_with_one_request"] == runs,
                 )
             )
+    out += _host_rows(results.get("hosts"))
+    return out
+
+
+def _counts(values: list[int]) -> str:
+    return ", ".join(map(str, values))
+
+
+def _host_rows(hosts: dict[str, Any] | None) -> list[Row]:
+    """The multi-host benchmark (``--only hosts``): cold, invalidation, partition."""
+    if not hosts:
+        return []
+    if "skipped" in hosts:
+        name = "Multi-host (network namespaces, needs root)"
+        return [Row(name, f"skipped: {hosts['skipped']}", "", "", "", None)]
+    shape = (
+        f"{hosts['hosts']} hosts × {hosts['workers_per_host']} workers × "
+        f"{hosts['callers_per_worker']}"
+    )
+    out: list[Row] = []
+    cold, inval = hosts["cold"], hosts["invalidation"]
+    for name, section, what in (
+        ("cold", cold, "all callers cold at once"),
+        ("invalidation", inval, "the API rejects the token, all get a 401 at once"),
+    ):
+        counts = section["token_requests"]
+        out.append(
+            Row(
+                f"Multi-host {shape}, {name}: token requests per round",
+                ", ".join(map(str, counts)),
+                what
+                + ("" if section["clean"] else "; NOT all on one live token")
+                + f"; library warnings per round: {_counts(section['library_warnings'])}",
+                "",
+                "= 1 each",
+                all(c == 1 for c in counts) and section["clean"],
+            )
+        )
+    rounds = inval["rounds"]
+    out.append(
+        Row(
+            "Multi-host, invalidation: a caller's `header()` time, 401 to new token "
+            "(median over rounds of p50; max)",
+            f"{_ms(median([r['header_p50_s'] for r in rounds]))}; "
+            f"{_ms(max(r['header_max_s'] for r in rounds))}",
+            f"whole call with its 2 API requests: p50 "
+            f"{_ms(median([r['call_p50_s'] for r in rounds]))}",
+            "",
+            "",
+            None,
+        )
+    )
+    part = hosts["partition"]
+    cut = part["cut_host"]
+    by_host = part["hosts"]
+    others = [h for h in by_host if h != cut]
+    out.append(
+        Row(
+            f"Multi-host: {cut} cut off {part['cut_s']:.1f} s, token expired meanwhile: "
+            "token requests",
+            str(part["token_requests"]),
+            "by host: "
+            + ", ".join(f"{h} {v['token_requests']}" for h, v in by_host.items())
+            + (
+                f"; the run without a cut: {hosts['partition_control']['token_requests']}"
+                if "partition_control" in hosts
+                else ""
+            ),
+            "",
+            "= 1",
+            part["token_requests"] == 1 and part["new_token_live"],
+        )
+    )
+    during = [by_host[h]["cut"] for h in others]
+    before = [by_host[h]["before"] for h in others]
+    p99_cut = max(w["first_try_p99_s"] or 0.0 for w in during)
+    changed = max(w["after_401_max_s"] or 0.0 for w in during)
+    control = hosts.get("partition_control")
+    if control is not None:
+        same = [control["hosts"][h]["cut"] for h in others]
+        p99_control = max(w["first_try_p99_s"] or 0.0 for w in same)
+        changed_control = max(w["after_401_max_s"] or 0.0 for w in same)
+        compared = (
+            f"{_ms(p99_control)} in the same window of a run without a cut; token change "
+            f"after the 401: max {_ms(changed)} ({_ms(changed_control)} without a cut)"
+        )
+    else:
+        p99_before = max(w["first_try_p99_s"] or 0.0 for w in before)
+        compared = f"{_ms(p99_before)} before; token change after the 401: max {_ms(changed)}"
+    calls = sum(by_host[h][w]["calls"] for h in others for w in ("before", "cut", "after"))
+    out.append(
+        Row(
+            f"Multi-host: the other hosts while {cut} is cut off: failed calls",
+            f"{part['others_failed_calls']} of {calls:,}",
+            f"first-try API call p99 {_ms(p99_cut)} during the cut, {compared}; "
+            "library warnings "
+            f"{sum(sum(by_host[h]['library_warnings'].values()) for h in others)}",
+            "",
+            "= 0",
+            part["others_failed_calls"] == 0,
+        )
+    )
+    mine = by_host[cut]
+    failed = part["cut_host_failed_calls"]
+    back = mine["last_401_retry_done_after_expiry_s"]
+    out.append(
+        Row(
+            f"Multi-host: {cut} itself: failed calls before / during / after the cut",
+            f"{failed['before']} / {failed['cut']} of {mine['cut']['calls']} / {failed['after']}",
+            f"header() failures {part['cut_host_header_failures']}, its token requests "
+            f"{mine['token_requests']}, its library warnings "
+            f"{sum(mine['library_warnings'].values())}; on the new token "
+            f"{'n/a' if back is None else f'{back:.1f} s'} after the expiry",
+            "",
+            "",
+            None,
+        )
+    )
     return out
 
 

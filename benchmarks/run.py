@@ -2,6 +2,7 @@
 
     python -m benchmarks            # full run, a few minutes
     python -m benchmarks --quick    # smoke check, under a minute
+    python -m benchmarks --only hosts   # opt-in (root): 3 namespace hosts share a Redis
 
 Always exits 0: the table's PASS/FAIL marks are the verdict.
 """
@@ -28,6 +29,7 @@ from cl_tokens.testing import FakeAuthServer
 
 from ._common import DEFAULT_REDIS_URL, Config
 from .customers import customers
+from .hosts import hosts
 from .hot import hot_path, peers, scale
 from .report import rows, write_chart, write_json, write_markdown
 from .stampede import cold_stampede, cross_process
@@ -35,6 +37,8 @@ from .stress import stress
 from .sync import sync_hot_path
 
 BENCHMARKS = ("hot", "sync", "peers", "stampede", "xproc", "scale", "stress", "customers")
+# Run only when named in --only: they need root (network namespaces).
+OPT_IN = ("hosts",)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -76,6 +80,9 @@ async def run(cfg: Config) -> dict[str, Any]:
     if cfg.wants("stress"):
         _log("stress: 8 processes × 250 coroutines, file and redis, under a CPU hog")
         results["stress"] = await stress(cfg)
+    if "hosts" in cfg.only:
+        _log("hosts: 3 network-namespace hosts × 4 workers share one Redis (needs root)")
+        results["hosts"] = await hosts(cfg)
     return results
 
 
@@ -124,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only",
         default="",
-        help=f"comma-separated subset of: {', '.join(BENCHMARKS)} (default: all)",
+        help=f"comma-separated subset of: {', '.join(BENCHMARKS + OPT_IN)} "
+        f"(default: all but the opt-in {', '.join(OPT_IN)})",
     )
     parser.add_argument(
         "--redis-url",
@@ -135,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="default: %(default)s")
     args = parser.parse_args(argv)
     only = tuple(x.strip() for x in args.only.split(",") if x.strip())
-    unknown = set(only) - set(BENCHMARKS)
+    unknown = set(only) - set(BENCHMARKS + OPT_IN)
     if unknown:
         parser.error(f"unknown benchmark(s): {', '.join(sorted(unknown))}")
     cfg = Config.make(quick=args.quick, redis_url=args.redis_url, only=only)
@@ -162,17 +170,21 @@ def main(argv: list[str] | None = None) -> int:
     }
     kept: list[str] = []
     previous_file = args.out / "results.json"
-    if only and previous_file.exists():
-        # A partial run updates its own sections and keeps the others' last figures.
+    if previous_file.exists():
+        # A partial run updates its own sections and keeps the others' last figures; a
+        # full run keeps the opt-in sections, which it does not run.
         previous = json.loads(previous_file.read_text())
         for name, value in previous.items():
-            if name not in ("meta", "targets") and name not in results:
+            if name in ("meta", "targets") or name in results:
+                continue
+            if only or name in OPT_IN:
                 results[name] = value
                 kept.append(name)
-        meta["kept_from_previous_run"] = {
-            "sections": kept,
-            "previous_meta": previous.get("meta", {}),
-        }
+        if kept:
+            meta["kept_from_previous_run"] = {
+                "sections": kept,
+                "previous_meta": previous.get("meta", {}),
+            }
     table = rows(results)
     report = {
         "meta": meta,
