@@ -19,7 +19,7 @@ import sys
 import time
 from collections import Counter
 
-from cl_tokens import TokenManager
+from cl_tokens import BackendError, TokenManager
 
 
 async def main() -> None:
@@ -49,7 +49,14 @@ async def main() -> None:
         # The cluster client's first initialization (CLUSTER SLOTS and the COMMAND
         # table) takes seconds for 8 interpreters on a loaded 2-core machine: paid
         # before the run, so it is not mistaken for part of a failover.
-        await manager.backend.connect()  # type: ignore[attr-defined]
+        for attempt in range(20):
+            try:
+                await manager.backend.connect()  # type: ignore[attr-defined]
+                break
+            except BackendError:  # a node slow to answer on a loaded machine
+                if attempt == 19:
+                    raise
+                await asyncio.sleep(1)
         print("ready", flush=True)
         start_at, stop = map(float, (await asyncio.to_thread(sys.stdin.readline)).split())
 

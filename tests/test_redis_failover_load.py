@@ -165,7 +165,9 @@ async def _drive(
     for worker in workers:
         assert worker.stdout is not None
         line = await asyncio.wait_for(worker.stdout.readline(), 60)
-        assert line.strip() == b"ready", line
+        if line.strip() != b"ready":
+            _, err = await asyncio.wait_for(worker.communicate(), 10)
+            raise AssertionError(f"a worker did not start: {err.decode()[-3000:]}")
     start_at = time.time() + 0.5
     for worker in workers:
         assert worker.stdin is not None
