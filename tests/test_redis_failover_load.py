@@ -4,8 +4,9 @@
 continuously, through a ``redis+cluster://`` or ``redis+sentinel://`` backend, against a
 real FakeAuthServer that issues short-lived tokens (``LIFETIME`` seconds) and answers in
 ``LATENCY``. The fault strikes when the first refresh of a scope it hits reaches the
-server, so that refresh's process holds the scope's lock (a ghost lock on the promoted
-replica) and the other processes' refreshes fall inside the failover: the test kills
+server, so that refresh's process holds the scope's lock when the fault comes (Redis
+copies the lock to the replica, so the promoted one may hold it with nobody to release
+it), and the other processes' refreshes fall inside the failover: the test kills
 the Cluster master that holds the most scopes, or runs ``SENTINEL failover``, and
 measures the failover time, from the command until the new primary answers a write.
 
