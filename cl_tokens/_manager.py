@@ -451,6 +451,19 @@ class TokenManager(CustomerTokens, ManagerExtras):
         metrics.lock_wait(metrics.now() - began)
         if isinstance(outcome, Token):
             return self._install(key, outcome)
+        deferred = self._deferrable(key, stale) if outcome is None else None
+        if deferred is not None:
+            # The shared backend is failing (a failover, a blip): every process that
+            # fetched around it now would make its own request. While the token has
+            # time to spare, ask the backend again when it may answer (no request went
+            # to the endpoint, so the minimum gap does not apply); past the midpoint of
+            # the refresh span, an outage that long is no failover, and the refresh
+            # fetches around the backend.
+            token = self._install(key, deferred.token)
+            deferred.refresh_not_before = (
+                self._clock.monotonic() + self._tuning.backend_retry_interval
+            )
+            return token
         try:
             if outcome is not None:
                 # Another process may have fetched, or failed and set a back-off, while
@@ -488,6 +501,17 @@ class TokenManager(CustomerTokens, ManagerExtras):
                 fingerprint(token.access_token),
             )
         return self._install(key, token)
+
+    def _deferrable(self, key: str, stale: Token | None) -> Entry | None:
+        """The entry of ``stale`` if its refresh, which could not use the shared backend,
+        may wait: before the midpoint between its refresh moment and its margin."""
+        entry = self._tier.get(key)
+        if stale is None or entry is None or entry.token.access_token != stale.access_token:
+            return None
+        timing = entry.timing
+        if self._clock.time() >= (timing.refresh_at + timing.usable_until) / 2:
+            return None
+        return entry
 
     def _acceptable(self, key: str, token: Token | None, stale: Token | None) -> bool:
         if token is None:
