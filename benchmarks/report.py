@@ -400,7 +400,7 @@ def write_chart(path: Path, results: dict[str, Any]) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2), gridspec_kw={"width_ratios": [1.5, 1, 1]})
+    fig, axes = plt.subplots(1, 4, figsize=(21, 5.2), gridspec_kw={"width_ratios": [1.5, 1, 1, 1]})
 
     ax = axes[0]
     names: list[str] = []
@@ -473,6 +473,30 @@ def write_chart(path: Path, results: dict[str, Any]) -> bool:
             f"{requests} token request{'s' if requests != 1 else ''} per round",
             fontsize=10,
         )
+        ax.legend(fontsize=8)
+    ax = axes[3]
+    labels: list[str] = []
+    measured: list[float] = []
+    targets: list[float] = []
+    for name, b in results.get("cold_path", {}).get("backends", {}).items():
+        labels.append(f"cold header()\n{name}")
+        measured.append(b["ratio_median"])
+        targets.append(COLD_TARGETS.get(name, float("nan")))
+    if "import_time" in results:
+        labels.append("import\ncl_tokens")
+        measured.append(results["import_time"]["ratio_median"])
+        targets.append(1.1)
+    if measured:
+        x = range(len(labels))
+        met = ["#2a9d8f" if m <= t else "#e76f51" for m, t in zip(measured, targets, strict=True)]
+        ax.bar(list(x), measured, color=met)
+        ax.scatter(list(x), targets, marker="_", s=900, color="black", label="target")
+        for i, m in enumerate(measured):
+            ax.text(i, m, f"{m:.2f}×", ha="center", va="bottom", fontsize=8)
+        ax.set_xticks(list(x), labels, fontsize=8)
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_ylabel("÷ floor: raw aiohttp POST; import aiohttp")
+        ax.set_title("Cold path and import, ratio to the floor", fontsize=10)
         ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
