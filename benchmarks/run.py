@@ -28,15 +28,28 @@ from cl_tokens import __version__
 from cl_tokens.testing import FakeAuthServer
 
 from ._common import DEFAULT_REDIS_URL, Config
+from .cold import cold_path
 from .customers import customers
 from .hosts import hosts
 from .hot import hot_path, peers, scale
+from .imports import import_time
 from .report import rows, write_chart, write_json, write_markdown
 from .stampede import cold_stampede, cross_process
 from .stress import stress
 from .sync import sync_hot_path
 
-BENCHMARKS = ("hot", "sync", "peers", "stampede", "xproc", "scale", "stress", "customers")
+BENCHMARKS = (
+    "hot",
+    "sync",
+    "peers",
+    "cold",
+    "stampede",
+    "xproc",
+    "scale",
+    "stress",
+    "customers",
+    "import",
+)
 # Run only when named in --only: they need root (network namespaces).
 OPT_IN = ("hosts",)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -60,20 +73,26 @@ async def run(cfg: Config) -> dict[str, Any]:
             # In a worker thread: the token server runs on this loop.
             results["sync_hot_path"] = await asyncio.to_thread(sync_hot_path, cfg, server)
         if cfg.wants("peers"):
-            _log("peers: authlib, redis GET, aiocache")
+            _log("peers: authlib, redis GET, aiocache, a hand-written single flight")
             results["peers"] = await peers(cfg, sample)
         if cfg.wants("scale"):
             _log(f"scale: {', '.join(map(str, cfg.scale_sizes))} scopes; memory per token")
             results["scale"] = await scale(cfg, server, template)
+    if cfg.wants("cold"):
+        _log("cold header() ÷ raw aiohttp POST: memory, file, redis backends")
+        results["cold_path"] = await cold_path(cfg)
     if cfg.wants("stampede"):
         _log(f"cold stampede: {cfg.stampede_callers:,} coroutines × {cfg.stampede_rounds} rounds")
         results["cold_stampede"] = await cold_stampede(cfg)
     if cfg.wants("xproc"):
         _log(
             f"cross-process: {cfg.processes} processes × {cfg.callers_per_process} coroutines "
-            f"× {cfg.xproc_rounds} rounds, file and redis"
+            f"× {cfg.xproc_rounds} rounds, file and redis, next to a bare pub/sub fan-out"
         )
         results["cross_process"] = await cross_process(cfg)
+    if cfg.wants("import"):
+        _log("import cl_tokens ÷ import aiohttp, fresh interpreters")
+        results["import_time"] = await asyncio.to_thread(import_time, cfg)
     if cfg.wants("customers"):
         _log("customers: logins, memory per customer, warm header(customer=...)")
         results["customers"] = await customers(cfg)

@@ -1,12 +1,14 @@
 """Cold stampedes: 10,000 coroutines in one process, and 16 processes sharing a backend.
 
-Both run against a ``FakeAuthServer(latency=0.05)`` in this process's event loop, so
-the token endpoint answers in about 50 ms plus the HTTP exchange.
+Both run against a ``FakeAuthServer(latency=0.05)``: the in-process stampede against
+one in another process (``benchmarks.remote``), so the token endpoint answers in about
+50 ms plus the HTTP exchange and its work is not timed with the client's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import os
 import secrets
@@ -15,29 +17,44 @@ import sys
 import tempfile
 import time
 import tracemalloc
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+
+import aiohttp
 
 from cl_tokens import TokenManager
 from cl_tokens.testing import FakeAuthServer
 
 from ._common import Config, median, redis_available
+from .fanout import pubsub_fanout_round
+from .remote import RemoteServer
 
 __all__ = ["cold_stampede", "cross_process"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _manager(server: FakeAuthServer, **kwargs: Any) -> TokenManager:
+def _manager(server: Any, **kwargs: Any) -> TokenManager:
     return TokenManager(server.client_id, server.client_secret, auth_url=server.url, **kwargs)
 
 
-async def _single_fetch(server: FakeAuthServer) -> float:
-    """Seconds for one cold ``header()`` on a fresh manager: the time of one fetch."""
-    async with _manager(server) as manager:
-        start = time.perf_counter()
-        await manager.header()
-        return time.perf_counter() - start
+def raw_post(session: aiohttp.ClientSession, server: Any) -> Callable[[], Awaitable[str]]:
+    """One bare POST to the token endpoint, as a hand-written client would send it: the
+    same JSON body and Accept header as the manager, the answer parsed, nothing else."""
+    body = {
+        "grant_type": "client_credentials",
+        "client_id": server.client_id,
+        "client_secret": server.client_secret,
+    }
+    headers = {"Accept": "application/json"}
+
+    async def post() -> str:
+        async with session.post(server.url, json=body, headers=headers) as response:
+            answer = await response.json()
+        return f"Bearer {answer['access_token']}"
+
+    return post
 
 
 async def _stampede(manager: TokenManager, callers: int) -> tuple[float, list[float], set[str]]:
@@ -52,57 +69,72 @@ async def _stampede(manager: TokenManager, callers: int) -> tuple[float, list[fl
     return start, [t for t, _ in done], {h for _, h in done}
 
 
-async def _asyncio_floor(server: FakeAuthServer, callers: int) -> tuple[float, list[float]]:
-    """The same fan-out with nothing but asyncio: callers await one shared task (no
-    shield, no single-flight bookkeeping) that does one cold fetch on a fresh manager."""
-    manager = _manager(server)
+async def _raw_post_floor(
+    post: Callable[[], Awaitable[str]], callers: int
+) -> tuple[float, list[float]]:
+    """The same fan-out with nothing but asyncio and aiohttp: the first caller starts one
+    raw POST, whose answer resolves one future that every caller awaits."""
     shared: asyncio.Future[dict[str, str]] | None = None
+    task: asyncio.Task[None] | None = None
+
+    async def fetch(future: asyncio.Future[dict[str, str]]) -> None:
+        try:
+            future.set_result({"Authorization": await post()})
+        except Exception as exc:  # pragma: no cover - the server is local
+            future.set_exception(exc)
 
     async def caller() -> float:
-        nonlocal shared
+        nonlocal shared, task
         if shared is None:
-            shared = asyncio.ensure_future(manager.header())
+            shared = asyncio.get_running_loop().create_future()
+            task = asyncio.ensure_future(fetch(shared))
         await shared
         return time.perf_counter()
 
-    try:
-        start = time.perf_counter()
-        done = await asyncio.gather(*(caller() for _ in range(callers)))
-        return start, list(done)
-    finally:
-        await manager.aclose()
+    start = time.perf_counter()
+    done = await asyncio.gather(*(caller() for _ in range(callers)))
+    return start, list(done)
 
 
 async def cold_stampede(cfg: Config) -> dict[str, Any]:
-    """``cfg.stampede_callers`` coroutines call ``header()`` at once on a cold manager.
+    """``cfg.stampede_callers`` coroutines call ``header()`` at once on a cold manager,
+    next to the raw-POST floor: as many coroutines awaiting one future that one raw
+    aiohttp POST resolves.
 
-    Per round, in this order: one cold fetch (the reference), the asyncio floor, the
-    stampede. Reported: token requests per stampede, time until the last caller is
-    served / one fetch, the same for the floor, and when the first caller was served.
+    The token server runs in another process (``benchmarks.remote``) with
+    ``cfg.stampede_latency``, so its work is not on this event loop. Both sides use one
+    aiohttp session, opened and connected before timing, so neither pays a TCP connect;
+    each stampede gets a fresh manager (cold). Who goes first alternates by round.
     Peak memory is measured in a separate, untimed stampede under tracemalloc (which
     slows allocation down several times).
     """
     n = cfg.stampede_callers
     rounds: list[dict[str, Any]] = []
-    async with FakeAuthServer(latency=cfg.stampede_latency) as server:
-        for _ in range(cfg.stampede_rounds):
-            single = await _single_fetch(server)
-            f_start, f_done = await _asyncio_floor(server, n)
-            before = server.token_requests
-            async with _manager(server) as manager:
-                s_start, s_done, headers = await _stampede(manager, n)
-            rounds.append(
-                {
-                    "single_fetch_s": single,
-                    "stampede_all_served_s": max(s_done) - s_start,
-                    "stampede_first_served_s": min(s_done) - s_start,
-                    "floor_all_served_s": max(f_done) - f_start,
-                    "floor_first_served_s": min(f_done) - f_start,
-                    "token_requests": server.token_requests - before,
-                    "distinct_headers": len(headers),
-                }
-            )
-        async with _manager(server) as manager:
+    async with (
+        RemoteServer(latency=cfg.stampede_latency) as server,
+        aiohttp.ClientSession() as session,
+    ):
+        post = raw_post(session, server)
+        await post()  # connect
+        for round_no in range(cfg.stampede_rounds):
+            r: dict[str, Any] = {}
+            for side in ("floor", "stampede") if round_no % 2 == 0 else ("stampede", "floor"):
+                gc.collect()
+                if side == "floor":
+                    f_start, f_done = await _raw_post_floor(post, n)
+                    r["floor_all_served_s"] = max(f_done) - f_start
+                    r["floor_first_served_s"] = min(f_done) - f_start
+                    continue
+                before = await server.requests()
+                async with _manager(server, session=session) as manager:
+                    s_start, s_done, headers = await _stampede(manager, n)
+                r["stampede_all_served_s"] = max(s_done) - s_start
+                r["stampede_first_served_s"] = min(s_done) - s_start
+                r["token_requests"] = await server.requests() - before
+                r["distinct_headers"] = len(headers)
+            r["ratio"] = r["stampede_all_served_s"] / r["floor_all_served_s"]
+            rounds.append(r)
+        async with _manager(server, session=session) as manager:
             tracemalloc.start()
             try:
                 base = tracemalloc.get_traced_memory()[0]
@@ -111,21 +143,18 @@ async def cold_stampede(cfg: Config) -> dict[str, Any]:
                 peak = tracemalloc.get_traced_memory()[1] - base
             finally:
                 tracemalloc.stop()
-    for r in rounds:
-        r["ratio"] = r["stampede_all_served_s"] / r["single_fetch_s"]
-        r["floor_ratio"] = r["floor_all_served_s"] / r["single_fetch_s"]
     return {
         "callers": n,
         "latency_s": cfg.stampede_latency,
+        "server": "FakeAuthServer in another process (benchmarks.remote)",
         "rounds": rounds,
         "token_requests_max": max(r["token_requests"] for r in rounds),
         "distinct_headers_max": max(r["distinct_headers"] for r in rounds),
-        "single_fetch_s_median": median([r["single_fetch_s"] for r in rounds]),
         "all_served_s_median": median([r["stampede_all_served_s"] for r in rounds]),
         "first_served_s_median": median([r["stampede_first_served_s"] for r in rounds]),
-        "ratio_median": median([r["ratio"] for r in rounds]),
         "floor_all_served_s_median": median([r["floor_all_served_s"] for r in rounds]),
-        "floor_ratio_median": median([r["floor_ratio"] for r in rounds]),
+        "floor_first_served_s_median": median([r["floor_first_served_s"] for r in rounds]),
+        "ratio_median": median([r["ratio"] for r in rounds]),
         "peak_bytes": peak,
         "peak_bytes_per_caller": peak / n,
     }
@@ -246,38 +275,77 @@ async def cross_process(cfg: Config) -> dict[str, Any]:
     For the file and the redis backend, each round uses a scope never used before, so
     the key is cold everywhere. The winner is the process whose backend ``set()`` ran;
     the others' waits are measured from the moment that ``set()`` returned.
+
+    Next to each round, the floor (with Redis): a bare pub/sub fan-out to as many
+    processes, each waking as many coroutines (``benchmarks.fanout``). Rounds take turns
+    (floor, file, redis; then in reverse order), so load from elsewhere lands on all.
     """
     results: dict[str, Any] = {"processes": cfg.processes, "callers": cfg.callers_per_process}
     backends = ["file"]
     why = await redis_available(cfg.redis_url)
     if why is None:
-        backends.append("redis")
+        backends += ["redis", "pubsub_floor"]
     else:
-        results["skipped"] = {"redis": why}
-    async with FakeAuthServer(latency=cfg.stampede_latency) as server:
-        for backend in backends:
-            directory = tempfile.mkdtemp(prefix="cl-tokens-bench-xproc-")
-            rounds = []
-            try:
-                for _ in range(cfg.xproc_rounds):
+        results["skipped"] = {"redis": why, "pubsub_floor": why}
+    rounds: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
+    directory = tempfile.mkdtemp(prefix="cl-tokens-bench-xproc-")
+    try:
+        async with FakeAuthServer(latency=cfg.stampede_latency) as server:
+            for round_no in range(cfg.xproc_rounds):
+                for backend in backends if round_no % 2 == 0 else backends[::-1]:
+                    if backend == "pubsub_floor":
+                        rounds[backend].append(
+                            await pubsub_fanout_round(
+                                cfg.redis_url,
+                                cfg.processes,
+                                cfg.callers_per_process,
+                                payload_bytes=len(_SAMPLE_VALUE),
+                            )
+                        )
+                        continue
                     r = await _one_cross_process_round(cfg, server, backend, directory)
-                    rounds.append(r)
+                    rounds[backend].append(r)
                     if backend == "redis":
                         r["token_found_in_redis"] = await _drop_redis_token(cfg, server, r["scope"])
-            finally:
-                shutil.rmtree(directory, ignore_errors=True)
-            results[backend] = {
-                "rounds": rounds,
-                "token_requests_max": max(r["token_requests"] for r in rounds),
-                "distinct_tokens_max": max(r["distinct_tokens"] for r in rounds),
-                "wait_p50_s": median([r["wait_p50_s"] for r in rounds]),
-                "wait_p99_s": median([r["wait_p99_s"] for r in rounds]),
-                "wait_max_s": max(r["wait_max_s"] for r in rounds),
-                "seen_p50_s": median([r["seen_p50_s"] for r in rounds]),
-                "seen_max_s": max(r["seen_max_s"] for r in rounds),
-                "token_written_after_go_s": median([r["token_written_after_go_s"] for r in rounds]),
-            }
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    if "pubsub_floor" in rounds:
+        floor_rounds = rounds.pop("pubsub_floor")
+        results["pubsub_floor"] = {
+            "rounds": floor_rounds,
+            "payload_bytes": len(_SAMPLE_VALUE),
+            "wait_p50_s": median([r["wait_p50_s"] for r in floor_rounds]),
+            "wait_p99_s": median([r["wait_p99_s"] for r in floor_rounds]),
+            "wait_max_s": max(r["wait_max_s"] for r in floor_rounds),
+            "received_p50_s": median([r["received_p50_s"] for r in floor_rounds]),
+            "received_p99_s": median([r["received_p99_s"] for r in floor_rounds]),
+        }
+    for backend, rs in rounds.items():
+        results[backend] = {
+            "rounds": rs,
+            "token_requests_max": max(r["token_requests"] for r in rs),
+            "distinct_tokens_max": max(r["distinct_tokens"] for r in rs),
+            "wait_p50_s": median([r["wait_p50_s"] for r in rs]),
+            "wait_p99_s": median([r["wait_p99_s"] for r in rs]),
+            "wait_max_s": max(r["wait_max_s"] for r in rs),
+            "seen_p50_s": median([r["seen_p50_s"] for r in rs]),
+            "seen_max_s": max(r["seen_max_s"] for r in rs),
+            "token_written_after_go_s": median([r["token_written_after_go_s"] for r in rs]),
+        }
+        floor = results.get("pubsub_floor")
+        if floor:
+            # Round by round, each backend's p99 over the floor's p99 of the same round.
+            per_round = [
+                r["wait_p99_s"] / f["wait_p99_s"] for r, f in zip(rs, floor["rounds"], strict=True)
+            ]
+            results[backend]["p99_ratio_to_floor_median"] = median(per_round)
+            results[backend]["p99_ratios_to_floor"] = per_round
     return results
+
+
+# About the size of a stored Commerce Layer token (encrypted and MAC'd): what a pub/sub
+# message that carries the token itself would carry.
+_SAMPLE_VALUE = "x" * 1_100
 
 
 async def _drop_redis_token(cfg: Config, server: FakeAuthServer, scope: str) -> bool:

@@ -52,7 +52,7 @@ from ._singleflight import SingleFlight
 from ._throttle import Throttle, throttles
 from ._token import Token, fingerprint
 from ._tuning import Tuning, safety_margin
-from ._version import __version__
+from ._version import package_version
 from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class TokenManager(CustomerTokens, ManagerExtras):
             body_encoding=body_encoding,
             clock=self._clock,
             session=self._get_session,
-            user_agent=f"cl-tokens/{__version__}",
+            user_agent=f"cl-tokens/{package_version()}",
         )
         self._owns_backend = not isinstance(backend, TokenBackend)
         # scrypt of the secret, once per credential per process: keys and MACs come

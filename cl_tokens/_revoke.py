@@ -11,7 +11,7 @@ import aiohttp
 from ._endpoint import auth_url_problem
 from ._http import error_for, post, redactor, safe_text
 from ._token import Token, fingerprint
-from ._version import __version__
+from ._version import package_version
 
 __all__ = ["revocation_url", "revoke_token"]
 
@@ -115,7 +115,7 @@ async def revoke_token(
         url,
         body=body,
         form=form,
-        headers={"Accept": "application/json", "User-Agent": f"cl-tokens/{__version__}"},
+        headers={"Accept": "application/json", "User-Agent": f"cl-tokens/{package_version()}"},
         timeout=timeout,
         what=f"revocation endpoint {url}",
         redact=redact,

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import importlib.metadata
+import importlib
 import random
 import re
 import time
@@ -24,11 +24,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from .._errors import BackendError, ConfigurationError
 from .._token import Token
+
+if TYPE_CHECKING:
+    import importlib.metadata
 
 __all__ = [
     "ENTRY_POINT_GROUP",
@@ -42,6 +45,25 @@ __all__ = [
 ]
 
 _REGISTRY: dict[str, type[TokenBackend]] = {}
+#: The bundled backends that ``import cl_tokens`` does not import (the file backend's
+#: locking and the Redis client cost import time that most users never need): each
+#: module is imported when a URL with one of its schemes is first used, and its classes
+#: register themselves. tests/test_lazy_imports.py checks this table against their
+#: ``schemes``.
+_BUNDLED: dict[str, str] = {
+    "file": "._file",
+    **dict.fromkeys(
+        (
+            "redis",
+            "rediss",
+            "redis+cluster",
+            "rediss+cluster",
+            "redis+sentinel",
+            "rediss+sentinel",
+        ),
+        "._redis",
+    ),
+}
 #: Where third-party distributions declare their backends' URL schemes.
 ENTRY_POINT_GROUP = "cl_tokens.backends"
 _B = TypeVar("_B", bound="TokenBackend")
@@ -298,7 +320,7 @@ class TokenBackend(ABC):
 def known_schemes() -> list[str]:
     """Every URL scheme ``backend_from_url`` takes, sorted: the registered ones and
     those that installed distributions declare in ``cl_tokens.backends``."""
-    return sorted(set(_REGISTRY) | set(_declared_schemes()))
+    return sorted(set(_REGISTRY) | set(_BUNDLED) | set(_declared_schemes()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -308,11 +330,23 @@ def _declared_schemes() -> dict[str, importlib.metadata.EntryPoint]:
     Read once per process (``Settings`` asks for the schemes every time it checks a
     URL); ``_declared_schemes.cache_clear()`` rereads them.
     """
+    import importlib.metadata
+
     try:
         declared = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
     except Exception:  # one broken distribution's metadata must not break the bundled ones
         return {}
     return {entry.name.strip().lower(): entry for entry in declared if entry.name.strip()}
+
+
+def _load_bundled(scheme: str) -> type[TokenBackend] | None:
+    """The bundled backend class for ``scheme``, its module imported now; None when no
+    bundled backend takes it."""
+    module = _BUNDLED.get(scheme)
+    if module is None:
+        return None
+    importlib.import_module(module, __package__)
+    return _REGISTRY.get(scheme)
 
 
 def _load_declared(scheme: str) -> type[TokenBackend] | None:
@@ -367,7 +401,11 @@ def backend_from_url(url: str, **options: Any) -> TokenBackend:
         if isinstance(exc, ConfigurationError):
             raise
         raise ConfigurationError(f"backend URL is not a valid URL: {redact_url(url)}") from None
-    cls = _REGISTRY.get(parsed.scheme) or _load_declared(parsed.scheme)
+    cls = (
+        _REGISTRY.get(parsed.scheme)
+        or _load_bundled(parsed.scheme)
+        or _load_declared(parsed.scheme)
+    )
     if cls is None:
         raise ConfigurationError(
             f"unknown backend scheme {parsed.scheme!r} in {redact_url(url)!r}; "
