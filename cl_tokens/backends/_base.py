@@ -280,6 +280,57 @@ class TokenBackend(ABC):
         """Record that no token request for ``key`` may be sent before ``retry_at``
         (wall clock, seconds since the epoch); the record expires at ``retry_at``."""
 
+    # The cold path in few round trips. The defaults compose the primitives above, so a
+    # third-party backend works unchanged; a bundled backend overrides them to do each
+    # step in one round trip (a Redis script, one thread hop) and to wake waiters by push.
+
+    #: False for a backend whose calls never block the loop and cannot hang (the
+    #: in-process memory backend): the manager calls it directly, without a timeout.
+    blocking: ClassVar[bool] = True
+
+    async def get_or_lock(
+        self, key: str, *, lease: float, refuse: str | None = None
+    ) -> Token | LockHandle | None:
+        """The stored token, else the lock on ``key`` for ``lease`` seconds, else None.
+
+        A stored token whose access token is ``refuse`` (the one being refreshed, or
+        one the API rejected) counts as absent. None means another holder has the lock
+        and no usable token is stored: wait with ``wait_for``.
+        """
+        token = await self.get(key)
+        if token is not None and token.access_token != refuse:
+            return token
+        return await self.acquire_lock(key, lease=lease)
+
+    async def set_and_release(self, key: str, token: Token, handle: LockHandle) -> None:
+        """Store ``token`` under ``key``, then release ``handle`` (and wake the waiters
+        of ``wait_for``). The lock is released even if the write fails."""
+        try:
+            await self.set(key, token)
+        finally:
+            await self.release_lock(handle)
+
+    async def wait_for(
+        self, key: str, *, timeout: float, refuse: str | None = None, poll: float = 0.05
+    ) -> Token | None:
+        """Wait up to ``timeout`` seconds for a token under ``key`` other than ``refuse``.
+
+        Returns it as soon as it is seen; None when the time is up (the holder may have
+        released the lock without writing: call ``get_or_lock`` again). This default
+        polls ``get`` every ``poll`` seconds (with jitter); backends that can be woken by
+        the write (pub/sub, inotify, an in-process event) override it. Never blocks the
+        loop; cancellable.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            token = await self.get(key)
+            if token is not None and token.access_token != refuse:
+                return token
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            await asyncio.sleep(min(left, poll * random.uniform(0.5, 1.5)))  # noqa: S311
+
     async def aclose(self) -> None:  # noqa: B027 - a backend without resources needs none
         """Release the backend's resources (connections, file handles)."""
 
