@@ -27,7 +27,6 @@ from ._customers import CustomerTokens, Owner
 from ._endpoint import BodyEncoding, TokenEndpoint
 from ._errors import (
     AuthenticationError,
-    BackendError,
     ConfigurationError,
     TokenEndpointError,
     TokenError,
@@ -43,17 +42,18 @@ from ._lifecycle import (
     time_left,
     warn_unclosed,
 )
+from ._lock_wait import LockWaiting
 from ._manager_extras import ManagerExtras
 from ._memory_tier import Entry, MemoryTier, ScopeArg
 from ._metrics import metrics
 from ._retry import with_retries
-from ._shared import UNAVAILABLE, SharedTier
+from ._shared import SharedTier
 from ._singleflight import SingleFlight
 from ._throttle import Throttle, throttles
 from ._token import Token, fingerprint
 from ._tuning import Tuning, safety_margin
 from ._version import package_version
-from .backends import LockHandle, MemoryBackend, TokenBackend, backend_from_url
+from .backends import MemoryBackend, TokenBackend, backend_from_url
 
 if TYPE_CHECKING:
     from .backends._codec import EncryptionKey
@@ -65,7 +65,7 @@ logger = logging.getLogger("cl_tokens")
 DEFAULT_AUTH_URL = "https://auth.commercelayer.io/oauth/token"
 
 
-class TokenManager(CustomerTokens, ManagerExtras):
+class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
     """Gets, caches and shares OAuth2 client_credentials tokens.
 
     ``await manager.header()`` costs about a dict lookup while a token is cached; on a
@@ -441,11 +441,6 @@ class TokenManager(CustomerTokens, ManagerExtras):
     async def _obtain_or_raise(self, key: str, scope: str | None, stale: Token | None) -> Token:
         self._raise_if_cooling_down(key)
         self._throttle.raise_if_backing_off(key)
-        stored = await self._shared.read(key)
-        if self._acceptable(key, stored, stale):
-            return self._install(key, stored)  # type: ignore[arg-type]
-        metrics.cache_miss("shared")
-        await self._throttle.check_shared(key)
         began = metrics.now()
         outcome = await self._lock_or_token(key, stale)
         metrics.lock_wait(metrics.now() - began)
@@ -464,14 +459,11 @@ class TokenManager(CustomerTokens, ManagerExtras):
                 self._clock.monotonic() + self._tuning.backend_retry_interval
             )
             return token
+        released = False
         try:
-            if outcome is not None:
-                # Another process may have fetched, or failed and set a back-off, while
-                # we waited for the lock.
-                stored = await self._shared.read(key)
-                if self._acceptable(key, stored, stale):
-                    return self._install(key, stored)  # type: ignore[arg-type]
-                await self._throttle.check_shared(key)
+            # Another process may have failed and set a back-off before it released the
+            # lock (a Redis backend read it with the lock: no round trip here).
+            await self._throttle.check_shared(key)
             try:
                 token = await self._fetch(key, scope, refreshing=stale is not None)
             except TokenEndpointError as error:
@@ -491,9 +483,13 @@ class TokenManager(CustomerTokens, ManagerExtras):
                     f"{token.expires_at - self._clock.time():.0f} s left: inside the "
                     "safety margin"
                 )
-            await self._shared.write(key, token)
+            if outcome is None:
+                await self._shared.write(key, token)
+            else:
+                released = True  # whatever happens: write_and_release always releases
+                await self._shared.write_and_release(key, token, outcome)
         finally:
-            if outcome is not None:
+            if outcome is not None and not released:
                 await self._shared.release(outcome)
         if stale is not None and token.access_token == stale.access_token:
             logger.info(
@@ -524,38 +520,6 @@ class TokenManager(CustomerTokens, ManagerExtras):
         if stale is None:
             return True
         return token.access_token != stale.access_token and token.expires_at > stale.expires_at
-
-    async def _lock_or_token(self, key: str, stale: Token | None) -> LockHandle | Token | None:
-        """The backend's lock on ``key``, or the token another process wrote meanwhile.
-
-        None means: fetch without the lock (the backend is down, or its lock holder
-        took longer than ``lock_wait``).
-        """
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._tuning.effective_lock_wait
-        while True:
-            outcome = await self._shared.acquire(
-                key, self._tuning.lock_lease, self._tuning.longest_hold
-            )
-            if outcome is UNAVAILABLE:
-                return None
-            if isinstance(outcome, LockHandle):
-                return outcome
-            stored = await self._shared.read(key)
-            if self._acceptable(key, stored, stale):
-                return stored
-            if loop.time() >= deadline:
-                waited = self._tuning.effective_lock_wait
-                if self._tuning.strict:
-                    raise BackendError(
-                        f"waited {waited:g} s for another process's token fetch; "
-                        "neither the lock nor a token came"
-                    )
-                logger.warning(
-                    "waited %.1f s for another process's token fetch; fetching directly", waited
-                )
-                return None
-            await asyncio.sleep(self._tuning.lock_poll_interval * self._rng.uniform(0.5, 1.5))
 
     async def _fetch(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
         began = metrics.now()

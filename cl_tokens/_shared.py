@@ -102,27 +102,39 @@ class SharedTier:
         # slow start for an outage and each process fetched by itself.
         self._connected: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
+        # A backend that never blocks (the memory backend) is awaited directly: a task
+        # and a timer per call cost more than the call. Only a class that says so
+        # itself: a subclass may add I/O to an inherited ``blocking = False``.
+        self._direct = type(backend).__dict__.get("blocking", True) is False
 
     @property
     def available(self) -> bool:
         return self._down_until is None or self._clock.monotonic() >= self._down_until
 
-    async def _call(self, call: Awaitable[T], what: str) -> T | _Unavailable:
+    def _bounded(self, call: Awaitable[T], timeout: float | None = None) -> Awaitable[T]:
+        """``call`` bounded by ``timeout`` (default ``backend_timeout``), unless the
+        backend never blocks."""
+        return call if self._direct else within(call, timeout or self._timeout)
+
+    async def _call(
+        self, call: Awaitable[T], what: str, timeout: float | None = None
+    ) -> T | _Unavailable:
         if not self.available:
             close = getattr(call, "close", None)
             if close is not None:
                 close()  # never awaited: close the coroutine so Python does not warn
             return UNAVAILABLE
         try:
-            try:
-                await self._connect()
-            except BaseException:
-                close = getattr(call, "close", None)
-                if close is not None:
-                    close()
-                raise
+            if not self._direct:
+                try:
+                    await self._connect()
+                except BaseException:
+                    close = getattr(call, "close", None)
+                    if close is not None:
+                        close()
+                    raise
             # A store that hangs (a blackholed host, a stuck filesystem) is a failed store.
-            result = await within(call, self._timeout)
+            result = await self._bounded(call, timeout)
         except Exception as exc:
             metrics.backend_error()
             if isinstance(exc, _ConnectTimeout):
@@ -188,20 +200,7 @@ class SharedTier:
         result = await self._call(self.backend.get(key), "read a token")
         if isinstance(result, _Unavailable) or result is None:
             return None
-        if not self._keys.verify(key, result):
-            if key not in self._forged:
-                if len(self._forged) > 1024:
-                    self._forged.clear()
-                self._forged.add(key)
-                logger.warning(
-                    "shared token backend %r holds a value for this credential that "
-                    "does not carry its MAC (written without the client secret, or "
-                    "altered); ignoring it",
-                    self.backend,
-                )
-            return None
-        self._forged.discard(key)
-        return result
+        return result if self.trusted(key, result) else None
 
     async def write(self, key: str, token: Token) -> None:
         """Store ``token`` under ``key``, sealed with this credential's MAC."""
@@ -209,12 +208,81 @@ class SharedTier:
         self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
         if isinstance(result, _Unavailable):
-            # Lost to a failover or a blip: the other processes would each fetch.
-            task = self._later(lambda: self.backend.set(key, sealed))
-            self._rewrites[key] = task
-            task.add_done_callback(
-                lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
+            self._rewrite_later(key, sealed)
+
+    def _rewrite_later(self, key: str, sealed: Token) -> None:
+        # Lost to a failover or a blip: the other processes would each fetch.
+        task = self._later(lambda: self.backend.set(key, sealed))
+        self._rewrites[key] = task
+        task.add_done_callback(
+            lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
+        )
+
+    def trusted(self, key: str, token: Token) -> bool:
+        """Whether ``token``, read under ``key``, carries this credential's MAC (a
+        warning, once per key, when it does not)."""
+        if self._keys.verify(key, token):
+            self._forged.discard(key)
+            return True
+        if key not in self._forged:
+            if len(self._forged) > 1024:
+                self._forged.clear()
+            self._forged.add(key)
+            logger.warning(
+                "shared token backend %r holds a value for this credential that "
+                "does not carry its MAC (written without the client secret, or "
+                "altered); ignoring it",
+                self.backend,
             )
+        return False
+
+    async def get_or_lock(
+        self, key: str, lease: float, hold: float, refuse: str | None
+    ) -> Token | LockHandle | _Unavailable | None:
+        """The stored token (check it with ``trusted``), else the lock on ``key`` (renewed
+        as ``acquire`` does), else None: another process holds the lock."""
+        outcome = await self._call(
+            self.backend.get_or_lock(key, lease=lease, refuse=refuse), "read or lock a token"
+        )
+        if isinstance(outcome, LockHandle):
+            self._keep(outcome, lease, hold)
+        return outcome
+
+    async def wait_for(
+        self, key: str, timeout: float, refuse: str | None, poll: float
+    ) -> Token | _Unavailable | None:
+        """A token written under ``key`` (check it with ``trusted``) within ``timeout``
+        seconds, or None: the time is up, or the holder released without writing."""
+        return await self._call(
+            self.backend.wait_for(key, timeout=timeout, refuse=refuse, poll=poll),
+            "wait for a token",
+            timeout + self._timeout,
+        )
+
+    async def write_and_release(self, key: str, token: Token, handle: LockHandle) -> None:
+        """Store ``token`` under ``key`` sealed with this credential's MAC, release
+        ``handle`` and wake the waiters, in one backend call. Like ``release``, the lock
+        is never left behind: what failed is retried in the background."""
+        if not self.available:
+            await self.write(key, token)  # only schedules the retry of the write
+            await self.release(handle)
+            return
+        sealed = replace(token, seal=self._keys.seal(key, token))
+        self._cancel_rewrite(key)
+        self._stop_renewal(handle)
+        try:
+            result = await self._call(
+                self.backend.set_and_release(key, sealed, handle), "write a token"
+            )
+        except asyncio.CancelledError:
+            self._later(lambda: self.backend.release_lock(handle), first=0.0)
+            raise
+        except Exception:  # strict: the error is the caller's, the lock is not
+            await self.release(handle)
+            raise
+        if isinstance(result, _Unavailable):
+            self._rewrite_later(key, sealed)
+            self._later(lambda: self.backend.release_lock(handle))
 
     def _cancel_rewrite(self, key: str) -> None:
         """A later write or delete of ``key`` supersedes a write still being retried: an
@@ -258,16 +326,26 @@ class SharedTier:
         until ``hold`` seconds have passed (the longest a holder may need it)."""
         handle = await self._call(self.backend.acquire_lock(key, lease=lease), "take a lock")
         if isinstance(handle, LockHandle):
-            task = asyncio.get_running_loop().create_task(self._renew(handle, lease, hold))
-            self._renewals[handle] = task
+            self._keep(handle, lease, hold)
         return handle
+
+    def _keep(self, handle: LockHandle, lease: float, hold: float) -> None:
+        task = asyncio.get_running_loop().create_task(self._renew(handle, lease, hold))
+        self._renewals[handle] = task
+
+    def _stop_renewal(self, handle: LockHandle) -> None:
+        renewal = self._renewals.pop(handle, None)
+        if renewal is not None:
+            renewal.cancel()
 
     async def _renew(self, handle: LockHandle, lease: float, hold: float) -> None:
         deadline = self._clock.monotonic() + hold
         while self._clock.monotonic() + lease / 3 < deadline:
             await asyncio.sleep(lease / 3)
             try:
-                still_ours = await within(self.backend.renew_lock(handle, lease=lease), lease / 3)
+                still_ours = await self._bounded(
+                    self.backend.renew_lock(handle, lease=lease), lease / 3
+                )
             except Exception as exc:  # a missed renewal: the next one may land
                 logger.debug("renewing a backend lock failed: %s", type(exc).__name__)
                 continue
@@ -286,11 +364,9 @@ class SharedTier:
         lease (a file lock: until the process exits); raising from it would hide the
         error of the fetch it ends.
         """
-        renewal = self._renewals.pop(handle, None)
-        if renewal is not None:
-            renewal.cancel()
+        self._stop_renewal(handle)
         try:
-            await within(self.backend.release_lock(handle), self._timeout)
+            await self._bounded(self.backend.release_lock(handle))
         except Exception as exc:
             logger.warning(
                 "shared token backend %r failed to release a lock (%s); retrying in the "
@@ -301,18 +377,20 @@ class SharedTier:
             self._later(lambda: self.backend.release_lock(handle))
 
     def _later(
-        self, call: Callable[[], Awaitable[object]], budget: float = 5.0
+        self, call: Callable[[], Awaitable[object]], budget: float = 5.0, first: float = 0.1
     ) -> asyncio.Task[None]:
-        """Retry ``call`` in the background for up to ``budget`` seconds: a write or a
-        release lost to a failover costs the fleet a wait or a fetch if never retried."""
+        """Retry ``call`` in the background for up to ``budget`` seconds, the first time
+        after ``first`` seconds: a write or a release lost to a failover costs the fleet
+        a wait or a fetch if never retried."""
 
         async def retry() -> None:
             end = self._clock.monotonic() + budget
-            delay = 0.1
+            delay = first
             while self._clock.monotonic() + delay < end:
                 await asyncio.sleep(delay)
+                delay = max(delay, 0.1)
                 try:
-                    await within(call(), self._timeout)
+                    await self._bounded(call())
                 except Exception:
                     delay = min(2 * delay, 1.0)
                     continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from typing import Any
@@ -19,16 +20,21 @@ class MemoryBackend(TokenBackend):
 
     One instance passed to several managers is shared by them (keys keep them apart);
     the URL ``memory://`` makes a private one per manager. Locks are in-process and
-    expire after their lease like the shared backends' do.
+    expire after their lease like the shared backends' do. Nothing here blocks or
+    waits on I/O (``blocking = False``): the manager awaits it directly, without the
+    timeout it puts around other backends. A waiter of ``wait_for`` is woken by the
+    write, the release or the delete of its key, never by polling.
 
     Args:
         clock: where "now" comes from for expiry (default: the system clock).
     """
 
     schemes = ("memory",)
+    blocking = False
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock or SystemClock()
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
         self._tokens: dict[str, Token] = {}
         self._locks: dict[str, tuple[str, float]] = {}
         self._backoffs: dict[str, float] = {}
@@ -57,6 +63,52 @@ class MemoryBackend(TokenBackend):
     async def set(self, key: str, token: Token) -> None:
         self._tokens[key] = token
         self._sweep()
+        self._wake(key)
+
+    def _wake(self, key: str) -> None:
+        for future in self._waiters.pop(key, ()):
+            if future.done():
+                continue
+            loop = future.get_loop()
+            try:
+                running = asyncio.get_running_loop()
+            except RuntimeError:
+                running = None
+            if loop is running:
+                future.set_result(None)
+            elif not loop.is_closed():  # a waiter on another thread's loop
+                loop.call_soon_threadsafe(_resolve, future)
+
+    async def wait_for(
+        self, key: str, *, timeout: float, refuse: str | None = None, poll: float = 0.05
+    ) -> Token | None:
+        """Woken by the write, the release (then None: take the lock again) or the delete
+        of ``key``; ``poll`` is unused."""
+        deadline = time.monotonic() + timeout
+        while True:
+            token = await self.get(key)
+            if token is not None and token.access_token != refuse:
+                return token
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            future = asyncio.get_running_loop().create_future()
+            self._waiters.setdefault(key, set()).add(future)
+            try:
+                await asyncio.wait((future,), timeout=left)
+            finally:
+                waiting = self._waiters.get(key)
+                if waiting is not None:
+                    waiting.discard(future)
+                    if not waiting:
+                        del self._waiters[key]
+            if not future.done():
+                return None
+            token = await self.get(key)
+            if token is not None and token.access_token != refuse:
+                return token
+            if key not in self._locks:
+                return None  # released without a write: the caller takes the lock
 
     def _sweep(self) -> None:
         """Forget expired tokens, back-offs and leases, at most once a second: memory is
@@ -89,6 +141,7 @@ class MemoryBackend(TokenBackend):
         if token is None or (access_token is not None and token.access_token != access_token):
             return False
         del self._tokens[key]
+        self._wake(key)
         return True
 
     async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
@@ -113,3 +166,9 @@ class MemoryBackend(TokenBackend):
         held = self._locks.get(handle.key)
         if held is not None and held[0] == handle.owner:
             del self._locks[handle.key]
+            self._wake(handle.key)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

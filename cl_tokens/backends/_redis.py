@@ -32,6 +32,7 @@ import contextlib
 import hashlib
 import math
 import secrets
+import time
 from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -42,6 +43,7 @@ from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
 from ._redis_loops import CLUSTER_HINT, Bound, LoopClients
+from ._redis_push import Listener, channel_for
 from ._redis_urls import SCHEMES, RedisTarget, build_client, parse_redis_url
 
 if TYPE_CHECKING:
@@ -81,11 +83,59 @@ end
 return 0
 """
 
+# A release wakes the waiters (an empty message: "no token, try the lock again"), so a
+# holder that failed does not leave them waiting for the lease. ARGV[2] '' (a Cluster,
+# whose waiters poll) publishes nothing.
 _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
-    return redis.call('DEL', KEYS[1])
+    redis.call('DEL', KEYS[1])
+    if ARGV[2] ~= '' then
+        redis.call('PUBLISH', ARGV[2], '')
+    end
+    return 1
 end
 return 0
+"""
+
+# The first round trip of the cold path: the token (unless its digest is ARGV[3], the
+# one being replaced), else the lock, with the back-off read in the same trip. Reply
+# {1, value} | {2, backoff or ''} (lock taken) | {0, backoff or ''} (held by another).
+# Idempotent for its owner like _ACQUIRE: a resent script finds its own lock.
+_GET_OR_LOCK = """
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, 64) ~= ARGV[3] then
+    return {1, value}
+end
+local backoff = redis.call('GET', KEYS[3]) or ''
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then
+    return {2, backoff}
+end
+if redis.call('GET', KEYS[2]) == ARGV[1] then
+    return {2, backoff}
+end
+return {0, backoff}
+"""
+
+# The second round trip: write (or delete, ARGV[2] <= 0: already expired), release if
+# still the owner, and publish the stored bytes to the waiters. Resending it is
+# harmless: the same value, a no-op release, one more identical message.
+_SET_AND_RELEASE = """
+if tonumber(ARGV[2]) > 0 then
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+else
+    redis.call('DEL', KEYS[1])
+end
+if redis.call('GET', KEYS[2]) == ARGV[3] then
+    redis.call('DEL', KEYS[2])
+end
+if ARGV[4] ~= '' then
+    local message = ARGV[1]
+    if tonumber(ARGV[2]) <= 0 then
+        message = ''
+    end
+    redis.call('PUBLISH', ARGV[4], message)
+end
+return 1
 """
 
 _SCRIPTS = {
@@ -93,7 +143,15 @@ _SCRIPTS = {
     "acquire": _ACQUIRE,
     "renew": _RENEW_IF_OWNER,
     "release": _RELEASE_IF_OWNER,
+    "get_or_lock": _GET_OR_LOCK,
+    "set_and_release": _SET_AND_RELEASE,
 }
+#: A back-off read by ``get_or_lock`` is answered from memory by the ``get_backoff``
+#: that follows it (the manager's next step) for this long, saving it a round trip.
+_BACKOFF_MEMO = 1.0
+#: How often a waiter re-reads the key: with push as a safety net, without as its poll.
+_RECHECK_PUSHED = 1.0
+_POLL_MIN = 0.1
 
 # Releases started for cancelled lock attempts: held here so they are not collected
 # before they finish. (A failed release is retried by the manager, in _shared.)
@@ -198,6 +256,8 @@ class RedisBackend(TokenBackend):
         self._clients = LoopClients(
             injected=self._injected, build=build, where=self._where, scripts=_SCRIPTS
         )
+        # key -> (retry_at or None, monotonic time read), see _BACKOFF_MEMO.
+        self._backoff_memo: dict[str, tuple[float | None, float]] = {}
 
     @classmethod
     def from_url(cls, url: BackendURL, **options: Any) -> RedisBackend:
@@ -285,9 +345,7 @@ class RedisBackend(TokenBackend):
         return token
 
     async def set(self, key: str, token: Token) -> None:
-        value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
-        # Kept while its refresh token lives, for a customer token (``keep_until``).
-        ttl_ms = _ms_until(token.keep_until, self._clock.time())
+        value, ttl_ms = self._stored(token)
         async with self._command("write", key) as bound:
             if ttl_ms <= 0:
                 # Storing an expired token means holding none (as a later get would say).
@@ -308,9 +366,16 @@ class RedisBackend(TokenBackend):
     # -- back-off -------------------------------------------------------------------------
 
     async def get_backoff(self, key: str) -> float | None:
+        memo = self._backoff_memo.pop(key, None)
+        if memo is not None and time.monotonic() - memo[1] < _BACKOFF_MEMO:
+            retry_at = memo[0]
+            return retry_at if retry_at is not None and retry_at > self._clock.time() else None
         async with self._command("read the back-off of", key) as bound:
             raw = await bound.client.get(_backoff_key(key))
-        if raw is None:
+        return self._parse_backoff(raw)
+
+    def _parse_backoff(self, raw: Any) -> float | None:
+        if raw is None or raw in (b"", ""):
             return None
         try:
             retry_at = float(raw)
@@ -324,6 +389,7 @@ class RedisBackend(TokenBackend):
         if not math.isfinite(retry_at):
             raise BackendError(f"a back-off must end at a finite time, not {retry_at!r}")
         ttl_ms = _ms_until(retry_at, self._clock.time())
+        self._backoff_memo.pop(key, None)
         async with self._command("write the back-off of", key) as bound:
             if ttl_ms <= 0:
                 await bound.client.delete(_backoff_key(key))
@@ -343,9 +409,7 @@ class RedisBackend(TokenBackend):
         except asyncio.CancelledError:
             # The SET may have reached Redis before the cancellation: release by owner
             # (a no-op if it did not), or the lock would block others for its lease.
-            release = asyncio.ensure_future(self._release_quietly(handle))
-            _RELEASES.add(release)
-            release.add_done_callback(_RELEASES.discard)
+            self._release_in_background(handle)
             raise
         return handle if taken else None
 
@@ -367,7 +431,108 @@ class RedisBackend(TokenBackend):
 
     async def _release(self, handle: LockHandle) -> None:
         async with self._command("unlock", handle.key) as bound:
-            await bound.scripts["release"](keys=[_lock_key(handle.key)], args=[handle.owner])
+            await bound.scripts["release"](
+                keys=[_lock_key(handle.key)], args=[handle.owner, _channel(bound, handle.key)]
+            )
+
+    # -- the cold path in two round trips, and push wake-ups ---------------------------
+
+    async def get_or_lock(
+        self, key: str, *, lease: float, refuse: str | None = None
+    ) -> Token | LockHandle | None:
+        owner = secrets.token_hex(16)
+        handle = LockHandle(key, owner)
+        refused = _digest(refuse) if refuse is not None else ""
+        try:
+            async with self._command("read or lock", key) as bound:
+                kind, payload = await bound.scripts["get_or_lock"](
+                    keys=[_token_key(key), _lock_key(key), _backoff_key(key)],
+                    args=[owner, _lease_ms(lease), refused],
+                )
+        except asyncio.CancelledError:
+            self._release_in_background(handle)  # as in acquire_lock
+            raise
+        if int(kind) == 1:
+            token = self._usable(payload, refuse)
+            if token is not None:
+                return token
+            # Stored but not usable by our clock, or unreadable: as if missing.
+            return await self.acquire_lock(key, lease=lease)
+        if int(kind) != 2:
+            return None
+        if len(self._backoff_memo) > 1024:
+            self._backoff_memo.clear()
+        self._backoff_memo[key] = (self._parse_backoff(payload), time.monotonic())
+        return handle
+
+    def _usable(self, raw: bytes | str | None, refuse: str | None) -> Token | None:
+        if not raw:
+            return None
+        token = self._decode(raw)
+        if token is None or token.keep_until <= self._clock.time():
+            return None
+        if refuse is not None and token.access_token == refuse:
+            return None
+        return token
+
+    def _stored(self, token: Token) -> tuple[bytes, int]:
+        """The value stored for ``token`` and its time to live in ms (<= 0: expired)."""
+        value = _digest(token.access_token).encode() + _SEPARATOR + self._codec.encode(token)
+        # Kept while its refresh token lives, for a customer token (``keep_until``).
+        return value, _ms_until(token.keep_until, self._clock.time())
+
+    async def set_and_release(self, key: str, token: Token, handle: LockHandle) -> None:
+        value, ttl_ms = self._stored(token)
+        async with self._command("write and unlock", key) as bound:
+            await bound.scripts["set_and_release"](
+                keys=[_token_key(key), _lock_key(key)],
+                args=[value, ttl_ms, handle.owner, _channel(bound, key)],
+            )
+
+    async def wait_for(
+        self, key: str, *, timeout: float, refuse: str | None = None, poll: float = 0.05
+    ) -> Token | None:
+        """Wait for the write of ``key``: woken by its publish (which carries the value)
+        or by a release without a token (then None, at once), else re-reading the key
+        every second, or every ``max(poll, 0.1)`` s without pub/sub (a Redis Cluster
+        client, a connection lost)."""
+        deadline = time.monotonic() + timeout
+        async with self._command("wait for", key) as bound:
+            listener = None if bound.cluster else _listener(bound)
+        channel = channel_for(key)
+        while True:
+            future = None
+            if listener is not None:
+                with self._wrap_errors("subscribe for", key):
+                    future = await listener.watch(channel, max(0.0, deadline - time.monotonic()))
+            try:
+                # Read after subscribing: a write in between is still pushed to us.
+                token = await self.get(key)
+                if token is not None and token.access_token != refuse:
+                    return token
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if future is None:
+                    await asyncio.sleep(min(left, max(poll, _POLL_MIN)))
+                    continue
+                done, _ = await asyncio.wait((future,), timeout=min(left, _RECHECK_PUSHED))
+            finally:
+                if future is not None:
+                    listener.unwatch(channel, future)  # type: ignore[union-attr]
+            if not done:
+                continue
+            message = future.result()
+            if not message:
+                return None  # released without a token: take the lock again
+            token = self._usable(message, refuse)
+            if token is not None:
+                return token
+
+    def _release_in_background(self, handle: LockHandle) -> None:
+        release = asyncio.ensure_future(self._release_quietly(handle))
+        _RELEASES.add(release)
+        release.add_done_callback(_RELEASES.discard)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -380,6 +545,17 @@ class RedisBackend(TokenBackend):
 
 def _ms_until(when: float, now: float) -> int:
     return math.ceil((when - now) * 1000) if when - now < 1e12 else 10**15
+
+
+def _channel(bound: Bound, key: str) -> str:
+    """Where writes of ``key`` are announced; none on a Cluster, whose waiters poll."""
+    return "" if bound.cluster else channel_for(key)
+
+
+def _listener(bound: Bound) -> Listener:
+    if bound.listener is None:
+        bound.listener = Listener(bound.client)
+    return bound.listener  # type: ignore[no-any-return]
 
 
 def _lease_ms(lease: float) -> int:

@@ -59,6 +59,9 @@ class Bound:
     misfit: str | None = None
     init_task: asyncio.Future[None] | None = None
     limit: asyncio.Semaphore | None = None
+    #: The pub/sub listener of push wake-ups (``_redis_push.Listener``), made at the
+    #: first wait on this loop.
+    listener: Any = None
 
 
 class LoopClients:
@@ -148,7 +151,10 @@ class LoopClients:
 
     def _after_fork(self) -> None:
         self._pid = os.getpid()
-        _DETACHED.extend(b.client for b in list(self._bound.values()))
+        for each in list(self._bound.values()):
+            _DETACHED.append(each.client)
+            if each.listener is not None:
+                _DETACHED.append(each.listener.detach())
         if self._spare is not None:
             _DETACHED.append(self._spare)
             self._spare = None
@@ -205,12 +211,21 @@ class LoopClients:
         injected client is left open."""
         bound, self._bound = list(self._bound.values()), {}
         spare, self._spare = self._spare, None
-        if self._injected is not None:
-            return
         if self._pid != os.getpid():
             _DETACHED.extend(b.client for b in bound)
+            _DETACHED.extend(b.listener.detach() for b in bound if b.listener is not None)
             return
         loop = asyncio.get_running_loop()
+        # The listeners are ours even on an injected client: their connections too.
+        for each in bound:
+            if each.listener is None:
+                continue
+            if each.loop is loop:
+                await each.listener.aclose()
+            elif each.loop.is_running():
+                asyncio.run_coroutine_threadsafe(each.listener.aclose(), each.loop)
+        if self._injected is not None:
+            return
         for each in bound:
             if each.loop is loop:
                 await _close(each.client)
