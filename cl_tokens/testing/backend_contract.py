@@ -309,3 +309,126 @@ class BackendContract:
         async with backend as entered:
             assert entered is backend
         await backend.aclose()  # closing twice is harmless
+
+    # -- the cold path: get_or_lock, set_and_release, wait_for ---------------------
+
+    async def test_get_or_lock_takes_the_lock_on_a_miss(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        handle = await backend.get_or_lock(key, lease=10)
+        assert isinstance(handle, LockHandle)
+        assert handle.key == key
+        assert await backend.get_or_lock(key, lease=10) is None  # held: wait
+        assert await backend.acquire_lock(key, lease=10) is None
+        await backend.release_lock(handle)
+        again = await backend.get_or_lock(key, lease=10)
+        assert isinstance(again, LockHandle)
+        await backend.release_lock(again)
+
+    async def test_get_or_lock_returns_a_stored_token_unless_refused(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        token = make_token()
+        await backend.set(key, token)
+        assert await backend.get_or_lock(key, lease=10) == token
+        assert await backend.get_or_lock(key, lease=10, refuse="another") == token
+        free = await backend.acquire_lock(key, lease=10)
+        assert free is not None, "get_or_lock took the lock though a token was stored"
+        await backend.release_lock(free)
+        handle = await backend.get_or_lock(key + "x", lease=10, refuse=token.access_token)
+        assert isinstance(handle, LockHandle)  # nothing under key + "x"
+        await backend.release_lock(handle)
+
+    async def test_get_or_lock_refusing_the_stored_token_takes_the_lock(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        token = make_token()
+        await backend.set(key, token)
+        handle = await backend.get_or_lock(key, lease=10, refuse=token.access_token)
+        assert isinstance(handle, LockHandle)
+        assert await backend.get_or_lock(key, lease=10, refuse=token.access_token) is None
+        await backend.release_lock(handle)
+
+    async def test_set_and_release_stores_and_frees_the_lock(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        handle = await backend.get_or_lock(key, lease=10)
+        assert isinstance(handle, LockHandle)
+        token = make_token()
+        await backend.set_and_release(key, token, handle)
+        assert await backend.get(key) == token
+        assert await backend.get_or_lock(key, lease=10) == token
+        free = await backend.acquire_lock(key, lease=10)
+        assert free is not None, "set_and_release left the lock held"
+        await backend.release_lock(free)
+
+    async def test_set_and_release_by_a_lapsed_holder_keeps_the_new_lock(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        if type(backend).renew_lock is TokenBackend.renew_lock:
+            return  # its locks last as long as their holder, not a lease (file locks)
+        key = key_prefix + "k"
+        old = await backend.acquire_lock(key, lease=0.1)
+        assert old is not None
+        await asyncio.sleep(0.3)
+        new = await backend.acquire_lock(key, lease=10)
+        assert new is not None
+        token = make_token()
+        await backend.set_and_release(key, token, old)
+        assert await backend.get(key) == token  # the token is good, whoever wrote it
+        assert await backend.acquire_lock(key, lease=10) is None  # the new lock stays
+        await backend.release_lock(new)
+
+    async def test_wait_for_returns_a_stored_token_at_once(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        token = make_token()
+        await backend.set(key, token)
+        assert await backend.wait_for(key, timeout=5) == token
+
+    async def test_wait_for_times_out_with_none(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        refused = make_token()
+        await backend.set(key, refused)
+        started = time.monotonic()
+        assert await backend.wait_for(key, timeout=0.3, refuse=refused.access_token) is None
+        assert 0.25 <= time.monotonic() - started < 5
+
+    async def test_wait_for_sees_the_holders_write(
+        self, backend: TokenBackend, key_prefix: str
+    ) -> None:
+        key = key_prefix + "k"
+        stale = make_token()
+        await backend.set(key, stale)
+        handle = await backend.get_or_lock(key, lease=10, refuse=stale.access_token)
+        assert isinstance(handle, LockHandle)
+        fresh = make_token()
+
+        async def write_soon() -> None:
+            await asyncio.sleep(0.2)
+            await backend.set_and_release(key, fresh, handle)
+
+        writer = asyncio.create_task(write_soon())
+        waiters = [
+            backend.wait_for(key, timeout=10, refuse=stale.access_token) for _ in range(3)
+        ]
+        assert await asyncio.gather(*waiters) == [fresh] * 3
+        await writer
+
+    async def test_wait_for_is_cancellable(self, backend: TokenBackend, key_prefix: str) -> None:
+        key = key_prefix + "k"
+        waiter = asyncio.create_task(backend.wait_for(key, timeout=30))
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        token = make_token()
+        await backend.set(key, token)
+        assert await backend.wait_for(key, timeout=5) == token  # still usable
