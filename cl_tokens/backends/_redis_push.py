@@ -28,6 +28,7 @@ CHANNEL_PREFIX = "cl_tokens:written:"
 _PATTERN = CHANNEL_PREFIX + "*"
 #: After pub/sub failed, waiters poll for this long before it is tried again.
 _RETRY_AFTER = 5.0
+_SUBSCRIBE_WAIT = 1.0
 
 
 def channel_for(key: str) -> str:
@@ -66,8 +67,8 @@ class Listener:
         future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(channel, set()).add(future)
         if not ready.done():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(asyncio.shield(ready), timeout)
+            # A slow confirmation is waited out for a while; meanwhile, polling.
+            await asyncio.wait((ready,), timeout=min(timeout, _SUBSCRIBE_WAIT))
         if not ready.done() or ready.cancelled() or ready.exception() is not None:
             self.unwatch(channel, future)
             return None
@@ -81,9 +82,10 @@ class Listener:
                 del self._waiters[channel]
 
     async def _run(self, ready: asyncio.Future[None]) -> None:
-        pubsub = self._pubsub = self._client.pubsub()
-        self.connections += 1
+        pubsub = None
         try:
+            pubsub = self._pubsub = self._client.pubsub()
+            self.connections += 1
             await pubsub.psubscribe(_PATTERN)
             while True:
                 message = await pubsub.get_message(timeout=None)
@@ -104,8 +106,9 @@ class Listener:
             self._wake_all()
         finally:
             self._pubsub = None
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()
+            if pubsub is not None:
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
 
     def _deliver(self, channel: str, data: Any) -> None:
         waiting = self._waiters.pop(channel, ())

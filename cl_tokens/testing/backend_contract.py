@@ -416,9 +416,7 @@ class BackendContract:
             await backend.set_and_release(key, fresh, handle)
 
         writer = asyncio.create_task(write_soon())
-        waiters = [
-            backend.wait_for(key, timeout=10, refuse=stale.access_token) for _ in range(3)
-        ]
+        waiters = [backend.wait_for(key, timeout=10, refuse=stale.access_token) for _ in range(3)]
         assert await asyncio.gather(*waiters) == [fresh] * 3
         await writer
 
