@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from backend_contract import make_token
 from redis.asyncio import Redis
+from redis_support import RedisServer
 
 from cl_tokens import BackendError, TokenManager
 from cl_tokens.backends import LockHandle, RedisBackend
@@ -265,3 +266,30 @@ async def test_a_dead_redis_is_a_backend_error_while_waiting() -> None:
         assert caught.value.__cause__ is not None
         with pytest.raises(BackendError):
             await backend.get_or_lock("cl_tokens:v2:x", lease=1)
+
+
+async def test_a_user_without_channel_rights_still_writes_and_its_waiters_poll(
+    redis_server: RedisServer,
+) -> None:
+    async with Redis.from_url(redis_server.url) as admin:
+        # Since Redis 7 a new user gets no channels unless granted (resetchannels).
+        await admin.execute_command(
+            "ACL", "SETUSER", "tokens", "on", ">pw", "~*", "+@all", "resetchannels"
+        )
+    url = f"redis://tokens:pw@127.0.0.1:{redis_server.port}/0"
+    async with RedisBackend(url=url) as backend, RedisBackend(url=url) as writer:
+        handle = await writer.get_or_lock("k", lease=30)
+        assert isinstance(handle, LockHandle)
+        token = make_token()
+
+        async def write_soon() -> None:
+            await asyncio.sleep(0.3)
+            await writer.set_and_release("k", token, handle)
+
+        task = asyncio.create_task(write_soon())
+        assert await backend.wait_for("k", timeout=10, poll=0.1) == token
+        await task
+        assert await writer.get("k") == token
+        again = await writer.get_or_lock("k", lease=30, refuse=token.access_token)
+        assert isinstance(again, LockHandle)  # released
+        await writer.release_lock(again)  # a release's publish is refused too: no error

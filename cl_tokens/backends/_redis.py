@@ -83,6 +83,8 @@ end
 return 0
 """
 
+# PUBLISH is pcall'd in both scripts: a user whose ACL grants no channels (the default
+# for new users since Redis 7) still writes and releases, and its waiters poll.
 # A release wakes the waiters (an empty message: "no token, try the lock again"), so a
 # holder that failed does not leave them waiting for the lease. ARGV[2] '' (a Cluster,
 # whose waiters poll) publishes nothing.
@@ -90,7 +92,7 @@ _RELEASE_IF_OWNER = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then
     redis.call('DEL', KEYS[1])
     if ARGV[2] ~= '' then
-        redis.call('PUBLISH', ARGV[2], '')
+        redis.pcall('PUBLISH', ARGV[2], '')
     end
     return 1
 end
@@ -133,7 +135,7 @@ if ARGV[4] ~= '' then
     if tonumber(ARGV[2]) <= 0 then
         message = ''
     end
-    redis.call('PUBLISH', ARGV[4], message)
+    redis.pcall('PUBLISH', ARGV[4], message)
 end
 return 1
 """
