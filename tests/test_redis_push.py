@@ -31,17 +31,17 @@ async def backend(redis_url: str) -> AsyncIterator[RedisBackend]:
         yield backend
 
 
-class CountingGets:
-    """Counts the reads a backend makes of its keys (each poll of a waiter is one)."""
+class CountingReads:
+    """Counts the reads a waiter makes of its key (each poll is one)."""
 
     def __init__(self, backend: RedisBackend) -> None:
         self.calls = 0
-        self._get = backend.get
-        backend.get = self  # type: ignore[method-assign]
+        self._peek = backend._peek
+        backend._peek = self  # type: ignore[method-assign]
 
-    async def __call__(self, key: str) -> Any:
+    async def __call__(self, key: str, refuse: str | None) -> Any:
         self.calls += 1
-        return await self._get(key)
+        return await self._peek(key, refuse)
 
 
 async def numpat(url: str) -> int:
@@ -86,12 +86,12 @@ async def test_a_waiter_in_another_process_is_woken_by_the_publish(
         async def main():
             async with RedisBackend(url={redis_url!r}) as backend:
                 gets = 0
-                read = backend.get
-                async def counted(key):
+                read = backend._peek
+                async def counted(key, refuse):
                     nonlocal gets
                     gets += 1
-                    return await read(key)
-                backend.get = counted
+                    return await read(key, refuse)
+                backend._peek = counted
                 token = await backend.wait_for({key!r}, timeout=30, poll=0.5)
                 print(json.dumps({{"token": token and token.access_token, "gets": gets}}))
 
@@ -133,19 +133,19 @@ async def test_a_write_between_the_subscription_and_the_read_still_wakes(
         handle = await writer.get_or_lock(key, lease=30)
         assert isinstance(handle, LockHandle)
         gets = 0
-        read = backend.get
+        read = backend._peek
 
-        async def read_then_write(key: str) -> Any:
+        async def read_then_write(key: str, refuse: str | None) -> Any:
             # The read misses; the holder writes and publishes before the waiter waits.
             nonlocal gets
             gets += 1
-            seen = await read(key)
+            seen = await read(key, refuse)
             if gets == 1:
-                assert seen is None
+                assert seen[0] is None
                 await writer.set_and_release(key, token, handle)
             return seen
 
-        backend.get = read_then_write  # type: ignore[method-assign]
+        backend._peek = read_then_write  # type: ignore[method-assign]
         assert await backend.wait_for(key, timeout=30) == token
         assert gets == 1  # woken by the message, not by a second read
 
@@ -182,7 +182,7 @@ async def test_a_holder_that_fails_wakes_its_waiters_at_once(
     async with RedisBackend(url=redis_url) as holder:
         handle = await holder.get_or_lock(key, lease=30)
         assert isinstance(handle, LockHandle)
-        gets = CountingGets(backend)
+        gets = CountingReads(backend)
         waiter = asyncio.create_task(backend.wait_for(key, timeout=30, poll=5))
         while gets.calls == 0:
             await asyncio.sleep(0.01)
@@ -205,12 +205,15 @@ async def test_waiters_poll_when_pubsub_fails(
         raise ConnectionError("pub/sub refused")
 
     bound.client.pubsub = no_pubsub
-    gets = CountingGets(backend)
+    gets = CountingReads(backend)
     token = make_token()
+    handle = await backend.get_or_lock(key, lease=30)
+    assert isinstance(handle, LockHandle)
 
     async def write_soon() -> None:
         await asyncio.sleep(0.5)
         await backend.set(key, token)  # a plain write: no publish
+        await backend.release_lock(handle)
 
     writer = asyncio.create_task(write_soon())
     assert await backend.wait_for(key, timeout=30, poll=0.1) == token

@@ -82,33 +82,28 @@ class MemoryBackend(TokenBackend):
     async def wait_for(
         self, key: str, *, timeout: float, refuse: str | None = None, poll: float = 0.05
     ) -> Token | None:
-        """Woken by the write, the release (then None: take the lock again) or the delete
-        of ``key``; ``poll`` is unused."""
+        """Woken by the write, the release or the delete of ``key``; None at once when
+        the lock is free (released without a write, or its lease ran out: the caller
+        takes it). ``poll`` is unused."""
         deadline = time.monotonic() + timeout
         while True:
             token = await self.get(key)
             if token is not None and token.access_token != refuse:
                 return token
-            left = deadline - time.monotonic()
-            if left <= 0:
+            now = time.monotonic()
+            held = self._locks.get(key)
+            if now >= deadline or held is None or held[1] <= now:
                 return None
             future = asyncio.get_running_loop().create_future()
             self._waiters.setdefault(key, set()).add(future)
             try:
-                await asyncio.wait((future,), timeout=left)
+                await asyncio.wait((future,), timeout=min(deadline, held[1]) - now)
             finally:
                 waiting = self._waiters.get(key)
                 if waiting is not None:
                     waiting.discard(future)
                     if not waiting:
                         del self._waiters[key]
-            if not future.done():
-                return None
-            token = await self.get(key)
-            if token is not None and token.access_token != refuse:
-                return token
-            if key not in self._locks:
-                return None  # released without a write: the caller takes the lock
 
     def _sweep(self) -> None:
         """Forget expired tokens, back-offs and leases, at most once a second: memory is

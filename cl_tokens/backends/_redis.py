@@ -140,7 +140,14 @@ end
 return 1
 """
 
+# What a waiter looks at: the token, and how long its lock has left (-2: none, so the
+# holder released or died and the lock is to be taken).
+_PEEK = """
+return {redis.call('GET', KEYS[1]) or '', redis.call('PTTL', KEYS[2])}
+"""
+
 _SCRIPTS = {
+    "peek": _PEEK,
     "delete_if_digest": _DELETE_IF_DIGEST,
     "acquire": _ACQUIRE,
     "renew": _RENEW_IF_OWNER,
@@ -494,10 +501,12 @@ class RedisBackend(TokenBackend):
     async def wait_for(
         self, key: str, *, timeout: float, refuse: str | None = None, poll: float = 0.05
     ) -> Token | None:
-        """Wait for the write of ``key``: woken by its publish (which carries the value)
-        or by a release without a token (then None, at once), else re-reading the key
-        every second, or every ``max(poll, 0.1)`` s without pub/sub (a Redis Cluster
-        client, a connection lost)."""
+        """Wait for the write of ``key``: woken by its publish (which carries the value);
+        None at once when the lock is free (released without a token: a failed holder
+        publishes that too; or its lease ran out, a dead holder: the wait ends when it
+        does). Re-reads the key every second as a safety net, or every
+        ``max(poll, 0.1)`` s without pub/sub (a Redis Cluster client, a user without
+        channel rights, a connection lost)."""
         deadline = time.monotonic() + timeout
         async with self._command("wait for", key) as bound:
             listener = None if bound.cluster else _listener(bound)
@@ -509,16 +518,17 @@ class RedisBackend(TokenBackend):
                     future = await listener.watch(channel, max(0.0, deadline - time.monotonic()))
             try:
                 # Read after subscribing: a write in between is still pushed to us.
-                token = await self.get(key)
-                if token is not None and token.access_token != refuse:
+                token, lock_left = await self._peek(key, refuse)
+                if token is not None:
                     return token
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or lock_left is None:
                     return None
+                pause = min(left, lock_left + 0.001)
                 if future is None:
-                    await asyncio.sleep(min(left, max(poll, _POLL_MIN)))
+                    await asyncio.sleep(min(pause, max(poll, _POLL_MIN)))
                     continue
-                done, _ = await asyncio.wait((future,), timeout=min(left, _RECHECK_PUSHED))
+                done, _ = await asyncio.wait((future,), timeout=min(pause, _RECHECK_PUSHED))
             finally:
                 if future is not None:
                     listener.unwatch(channel, future)  # type: ignore[union-attr]
@@ -530,6 +540,14 @@ class RedisBackend(TokenBackend):
             token = self._usable(message, refuse)
             if token is not None:
                 return token
+
+    async def _peek(self, key: str, refuse: str | None) -> tuple[Token | None, float | None]:
+        """The usable token under ``key`` (not ``refuse``), and the seconds left on its
+        lock (None: not locked), in one round trip."""
+        async with self._command("read", key) as bound:
+            raw, pttl = await bound.scripts["peek"](keys=[_token_key(key), _lock_key(key)], args=[])
+        pttl = int(pttl)
+        return self._usable(raw, refuse), (pttl / 1000 if pttl >= 0 else None)
 
     def _release_in_background(self, handle: LockHandle) -> None:
         release = asyncio.ensure_future(self._release_quietly(handle))

@@ -397,9 +397,12 @@ class BackendContract:
         key = key_prefix + "k"
         refused = make_token()
         await backend.set(key, refused)
+        handle = await backend.get_or_lock(key, lease=10, refuse=refused.access_token)
+        assert isinstance(handle, LockHandle)
         started = time.monotonic()
         assert await backend.wait_for(key, timeout=0.3, refuse=refused.access_token) is None
         assert 0.25 <= time.monotonic() - started < 5
+        await backend.release_lock(handle)
 
     async def test_wait_for_sees_the_holders_write(
         self, backend: TokenBackend, key_prefix: str
@@ -422,11 +425,14 @@ class BackendContract:
 
     async def test_wait_for_is_cancellable(self, backend: TokenBackend, key_prefix: str) -> None:
         key = key_prefix + "k"
+        handle = await backend.get_or_lock(key, lease=30)
+        assert isinstance(handle, LockHandle)
         waiter = asyncio.create_task(backend.wait_for(key, timeout=30))
         await asyncio.sleep(0.1)
         waiter.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiter
+        await backend.release_lock(handle)
         token = make_token()
         await backend.set(key, token)
         assert await backend.wait_for(key, timeout=5) == token  # still usable
