@@ -46,6 +46,11 @@ class LockWaiting:
         # A backend that overrides wait_for is woken by the write or the release; with
         # the polling default, a release without a write is seen by the next get_or_lock.
         pushed = type(shared.backend).wait_for is not TokenBackend.wait_for
+        # A backend that never suspends (memory) reads and locks with nothing between.
+        composed = (
+            type(shared.backend).get_or_lock is TokenBackend.get_or_lock
+            and type(shared.backend).__dict__.get("blocking", True) is not False
+        )
         slice_ = tuning.lock_lease if pushed else max(0.1, 10 * tuning.lock_poll_interval)
         # The token no stored copy may be: the one being refreshed, or one dropped here.
         refuse = stale.access_token if stale is not None else None
@@ -55,6 +60,7 @@ class LockWaiting:
         missed = False
         while True:
             outcome = await shared.get_or_lock(key, tuning.lock_lease, tuning.longest_hold, refuse)
+            in_two_steps = composed
             if isinstance(outcome, Token):
                 if self._usable(key, outcome, stale):
                     return outcome
@@ -62,12 +68,20 @@ class LockWaiting:
                 # the lock, and wait for a token other than this one.
                 refuse = outcome.access_token
                 outcome = await shared.acquire(key, tuning.lock_lease, tuning.longest_hold)
+                in_two_steps = True
             if not missed:
                 missed = True
                 metrics.cache_miss("shared")
             if outcome is UNAVAILABLE:
                 return None
             if isinstance(outcome, LockHandle):
+                if in_two_steps:
+                    # The default get_or_lock reads, then locks: a holder may have
+                    # written and released in between. Read again under the lock.
+                    stored = await shared.read(key)
+                    if stored is not None and self._acceptable(key, stored, stale):
+                        await shared.release(outcome)
+                        return stored
                 return outcome
             left = deadline - loop.time()
             if left > 0:
