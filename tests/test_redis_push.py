@@ -296,3 +296,63 @@ async def test_a_user_without_channel_rights_still_writes_and_its_waiters_poll(
         again = await writer.get_or_lock("k", lease=30, refuse=token.access_token)
         assert isinstance(again, LockHandle)  # released
         await writer.release_lock(again)  # a release's publish is refused too: no error
+
+
+async def test_a_forked_child_waits_on_its_own_connection_and_the_parent_keeps_its_own(
+    redis_url: str, redis_key_prefix: str
+) -> None:
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os
+        from cl_tokens.backends import RedisBackend
+        from cl_tokens.testing.backend_contract import make_token
+
+        backend = RedisBackend(url={redis_url!r})
+        loop = asyncio.new_event_loop()
+
+        async def once(name):
+            key = {redis_key_prefix!r} + name
+            writer = RedisBackend(url={redis_url!r})
+            handle = await writer.get_or_lock(key, lease=30)
+            token = make_token()
+            async def write():
+                await asyncio.sleep(0.2)
+                await writer.set_and_release(key, token, handle)
+            task = asyncio.create_task(write())
+            assert await backend.wait_for(key, timeout=30) == token
+            await task
+            await writer.aclose()
+
+        loop.run_until_complete(once("parent-1"))  # the parent's listener is open
+        pid = os.fork()
+        if pid == 0:
+            asyncio.run(once("child"))
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert status == 0, status
+        reads = 0
+        peek = backend._peek
+        async def counted(key, refuse):
+            global reads
+            reads += 1
+            return await peek(key, refuse)
+        backend._peek = counted
+        loop.run_until_complete(once("parent-2"))
+        assert reads == 1, reads  # woken by push: its pub/sub connection survived the child
+        loop.run_until_complete(backend.aclose())
+        print("ok")
+        """
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-W",
+        "ignore",
+        "-c",
+        script,
+        cwd=ROOT,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    assert child.returncode == 0, err.decode()
+    assert out.decode().strip() == "ok"
