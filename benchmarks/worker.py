@@ -47,6 +47,34 @@ def _timed(base: type[TokenBackend]) -> Any:
             self._record(start, "get", "hit" if token is not None else "miss")
             return token
 
+        # The cold path's own calls: a backend that overrides them (Redis: one script
+        # each; a push wake-up) never goes through get() or set().
+        async def get_or_lock(self, key: str, *, lease: float, refuse: str | None = None) -> Any:
+            start = time.time()
+            outcome = await super().get_or_lock(key, lease=lease, refuse=refuse)
+            self._saw(outcome)
+            kind = "hit" if isinstance(outcome, Token) else "taken" if outcome else "busy"
+            self._record(start, "get_or_lock", kind)
+            return outcome
+
+        async def set_and_release(self, key: str, token: Token, handle: Any) -> None:
+            start = time.time()
+            await super().set_and_release(key, token, handle)
+            if self.written_at is None:  # the default composition has set() note it
+                self.written_at = time.time()
+            self._record(start, "set_and_release", "ok")
+
+        async def wait_for(self, key: str, **options: Any) -> Token | None:
+            start = time.time()
+            token: Token | None = await super().wait_for(key, **options)
+            self._saw(token)
+            self._record(start, "wait_for", "hit" if token is not None else "none")
+            return token
+
+        def _saw(self, outcome: object) -> None:
+            if isinstance(outcome, Token) and self.seen_at is None:
+                self.seen_at = time.time()
+
         async def acquire_lock(self, key: str, *, lease: float) -> Any:
             start = time.time()
             handle = await super().acquire_lock(key, lease=lease)
