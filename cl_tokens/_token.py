@@ -246,6 +246,7 @@ class Token:
             # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
 
+
     def __repr__(self) -> str:
         return (
             f"Token(access_token={fingerprint(self.access_token)!r}, "
