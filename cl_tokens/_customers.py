@@ -216,6 +216,8 @@ class CustomerTokens:
         # The store is the fleet's truth: a pair in memory may hold a refresh token that
         # another process has already spent. Only without a stored pair (a private
         # memory:// store, or one that lost it) is the in-process pair used.
+        if stored is None and not self._shared.available:
+            raise self._unrenewed("the shared backend could not be read")
         pair = stored if stored is not None else self._pairs.get(key)
         if pair is not None and pair.refresh_token is not None:
             if pair.refresh_sent is None:
@@ -274,12 +276,10 @@ class CustomerTokens:
         marked = replace(unmarked, refresh_sent=self._clock.time())
         # Only the lock's holder sends, and only once the fleet can see the mark: from
         # then on, whatever happens to this process, no process sends this token again.
-        if not self._shared.holds(key) or not await self._shared.write(key, marked, retry=False):
-            raise BackendError(
-                "a customer's refresh token is sent only under the shared backend's lock, "
-                "with its in-flight mark stored; the backend could not give both: not "
-                "renewed (the current token is served while it lasts)"
-            )
+        if not self._shared.holds(key):
+            raise self._unrenewed("its lock could not be had")
+        if not await self._shared.write(key, marked, retry=False):
+            raise self._unrenewed("the in-flight mark could not be stored")
         self._pairs[key] = marked
         try:
             token = await self._endpoint.request(
@@ -307,8 +307,39 @@ class CustomerTokens:
                 await self._shared.write(key, unmarked, retry=False)
                 self._pairs[key] = unmarked
             raise
+        token = self._owned(token, owner_id, pair.owner_type)
+        # Stored at once, whatever the caller makes of it (an answer so late that its
+        # access token is already inside its margin is refused by the manager): its
+        # refresh token is now the customer's only valid one.
+        await self._store_pair(key, token)
+        self._pairs[key] = token
         logger.info("customer token renewed: %s", fingerprint(token.access_token))
-        return self._owned(token, owner_id, pair.owner_type)
+        return token
+
+    async def _store_pair(self, key: str, token: Token) -> bool:
+        """Write a renewed pair, trying again while this process holds the lock: until
+        it lands, the fleet sees only the mark, and must take the customer for logged
+        out once the mark is old. (Never in the background: see ``SharedTier.write``.)"""
+        delay = 0.05
+        while not await self._shared.write(key, token, retry=False):
+            if not self._shared.holds(key):
+                logger.warning(
+                    "a customer's renewed token %s could not be stored; other processes "
+                    "will take the customer for logged out",
+                    fingerprint(token.access_token),
+                )
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+        return True
+
+    @staticmethod
+    def _unrenewed(why: str) -> BackendError:
+        return BackendError(
+            f"a customer's refresh token is sent only under the shared backend's lock, "
+            f"once its in-flight mark is stored; {why}: not renewed (the current token is "
+            "served while it lasts)"
+        )
 
     @staticmethod
     def _owned(token: Token, owner_id: str, owner_type: str | None) -> Token:
