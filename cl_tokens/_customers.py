@@ -279,6 +279,9 @@ class CustomerTokens:
         if not self._shared.holds(key):
             raise self._unrenewed("its lock could not be had")
         if not await self._shared.write(key, marked, retry=False):
+            # A write that timed out may still land: take the mark back (nothing was
+            # sent), or the fleet would wait for an answer that never comes.
+            await self._store_pair(key, unmarked)
             raise self._unrenewed("the in-flight mark could not be stored")
         self._pairs[key] = marked
         try:
@@ -291,7 +294,7 @@ class CustomerTokens:
                 return again  # another process rotated it meanwhile (a lost lock)
             # Refused (spent, revoked, expired): nobody need wait for an answer to it.
             dropped = replace(unmarked, refresh_token=None, refresh_expires_at=None)
-            await self._shared.write(key, dropped, retry=False)
+            await self._store_pair(key, dropped)
             self._pairs[key] = dropped
             raise LoginRequiredError(
                 f"the customer's refresh token was refused ({error}): log in again",
@@ -304,7 +307,7 @@ class CustomerTokens:
         except TokenEndpointError as error:
             if error.status is not None:
                 # The server answered (5xx, 429): it did not take the refresh token.
-                await self._shared.write(key, unmarked, retry=False)
+                await self._store_pair(key, unmarked)
                 self._pairs[key] = unmarked
             raise
         token = self._owned(token, owner_id, pair.owner_type)
@@ -317,15 +320,16 @@ class CustomerTokens:
         return token
 
     async def _store_pair(self, key: str, token: Token) -> bool:
-        """Write a renewed pair, trying again while this process holds the lock: until
-        it lands, the fleet sees only the mark, and must take the customer for logged
-        out once the mark is old. (Never in the background: see ``SharedTier.write``.)"""
+        """Write a pair over its mark, trying again while this process holds the lock:
+        until it lands, the fleet sees only the mark, and must take the customer for
+        logged out once the mark is old. (Never in the background: see
+        ``SharedTier.write``.)"""
         delay = 0.05
         while not await self._shared.write(key, token, retry=False):
             if not self._shared.holds(key):
                 logger.warning(
-                    "a customer's renewed token %s could not be stored; other processes "
-                    "will take the customer for logged out",
+                    "a customer's token %s could not be stored over its in-flight mark; "
+                    "other processes will take the customer for logged out",
                     fingerprint(token.access_token),
                 )
                 return False
