@@ -40,6 +40,7 @@ async def main() -> None:
         "inside_margin": 0,
         "errors": Counter(),
         "send_errors": Counter(),
+        "expired_how": Counter(),
         "max_latency": 0.0,
         "max_gap": 0.0,
         "max_lag": 0.0,
@@ -127,6 +128,7 @@ async def main() -> None:
                 owner = rng.choice(owners)
                 began = time.monotonic()
                 figures["calls"] += 1
+                hot = manager._hot_tokens.get((None, owner))
                 try:
                     token = await manager.token(customer=owner)
                 except LoginRequiredError as exc:
@@ -141,6 +143,9 @@ async def main() -> None:
                 figures["served"] += 1
                 if now >= token.expires_at:
                     figures["expired"] += 1
+                    # From the hot tier (its retirement timer late), or resumed late.
+                    where = "hot" if token is hot else "after waiting"
+                    figures["expired_how"][f"{where}, {now - token.expires_at:.2f} s late"] += 1
                 elif now >= token.expires_at - margin:
                     figures["inside_margin"] += 1
                 figures["max_latency"] = max(figures["max_latency"], done - began)
@@ -156,6 +161,7 @@ async def main() -> None:
     figures["errors"] = dict(figures["errors"])
     figures["send_errors"] = dict(figures["send_errors"])
     figures["warnings"] = dict(warnings)
+    figures["expired_how"] = dict(figures["expired_how"])
     durations.sort()
     figures["requests"] = len(durations)
     figures["request_p50"] = durations[len(durations) // 2] if durations else 0.0

@@ -182,9 +182,7 @@ async def test_a_refresh_the_server_answered_with_503_is_unmarked_and_sent_once_
             await a.aclose()
             await b.aclose()
         assert renewed.access_token != first.access_token
-        assert (
-            server.customers.refresh_requests == 1
-        )  # the 503 came before the grant
+        assert server.customers.refresh_requests == 1  # the 503 came before the grant
         assert server.customers.refresh_reuses == 0
 
 

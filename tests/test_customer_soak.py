@@ -181,15 +181,19 @@ async def test_customer_soak_with_a_lock_holder_killed(
             f"{max_lag:.2f} s (fake server's {server_lag[0]:.2f} s); token request round "
             f"trip: median of the medians {request_p50:.2f} s, longest {request_max:.2f} s"
         )
-        send_errors: dict[str, int] = {}
+        send_errors: dict[str, int] = {}  # what a failed run needs to be understood
         for r in results:
             for text, n in r["send_errors"].items():
+                text = "renewal raised " + text
                 send_errors[text] = send_errors.get(text, 0) + n
         for r in results:
             for text, n in r["warnings"].items():
                 send_errors["warning: " + text] = send_errors.get("warning: " + text, 0) + n
+        for r in results:
+            for text, n in r["expired_how"].items():
+                send_errors["expired: " + text] = n
         for text, n in send_errors.items():
-            report += f"\n  renewal failed {n} x {text}"
+            report += f"\n  {n} x {text}"
         for text, n in sorted(errors.items(), key=lambda item: -item[1])[:8]:
             report += f"\n  {n:5d} x {text}"
         with capsys.disabled():
