@@ -37,6 +37,8 @@ async def main() -> None:
         "invalidations": 0,
         "login_required": 0,
         "expired": 0,
+        "expired_hot": 0,
+        "expired_resumed": 0,
         "inside_margin": 0,
         "errors": Counter(),
         "send_errors": Counter(),
@@ -143,8 +145,10 @@ async def main() -> None:
                 figures["served"] += 1
                 if now >= token.expires_at:
                     figures["expired"] += 1
-                    # From the hot tier (its retirement timer late), or resumed late.
-                    where = "hot" if token is hot else "after waiting"
+                    # Served from the hot tier (its retirement timer late), or handed to a
+                    # caller waiting on a renewal that this loop resumed late.
+                    where = "hot" if token is hot else "resumed"
+                    figures[f"expired_{where}"] += 1
                     figures["expired_how"][f"{where}, {now - token.expires_at:.2f} s late"] += 1
                 elif now >= token.expires_at - margin:
                     figures["inside_margin"] += 1

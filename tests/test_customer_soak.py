@@ -13,7 +13,10 @@ holder killed *after* sending leaves a spent token: that customer must log in ag
 nobody sends the token twice; ``test_customer_in_flight`` shows it.)
 
 What it asserts: 0 refresh-token reuses at the server, 0 ``LoginRequiredError``, no
-token handed out at or past its ``expires_at``, no other error, and liveness: every
+token handed out at or past its ``expires_at`` (from the hot tier: ever; to a caller that
+waited on a renewal: in every process whose event loop never stalled longer than the
+token's margin, 0.5 s — a longer stall resumes the caller late, which no cache can
+prevent), no other error, and liveness: every
 surviving process served tokens all along (no caller went without one for longer than
 the dead holder's lease and a renewal).
 """
@@ -47,6 +50,7 @@ CUSTOMERS = 50
 EXPIRES_IN = 2.0
 INVALIDATE_RATE = 0.01
 SECRET = "test-client-secret"
+MARGIN = 0.25 * EXPIRES_IN  # the safety margin of a 2 s token
 LOCK_LEASE = 6.0  # the default: how long the dead holder's lock outlives it
 
 
@@ -201,7 +205,11 @@ async def test_customer_soak_with_a_lock_holder_killed(
         assert lock_owner is not None, "the killed worker did not hold the customer's lock"
         assert customers.refresh_reuses == 0
         assert total["login_required"] == 0
-        assert total["expired"] == 0
+        # No expired token from the cache, ever. A caller waiting on a renewal gets a
+        # token with at least the margin left; only a loop stalled longer than the
+        # margin (CPU starvation: seen at load 20+ under nice) resumes it after expiry.
+        assert sum(r["expired_hot"] for r in results) == 0
+        assert all(r["expired"] == 0 for r in results if r["max_lag"] < MARGIN), report
         assert not any(errors.values())
         # Liveness: every survivor kept being served; the longest wait is the dead
         # holder's lease plus a renewal, for callers of the customer it held.
