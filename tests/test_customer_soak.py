@@ -16,7 +16,8 @@ What it asserts: 0 refresh-token reuses at the server, 0 ``LoginRequiredError``,
 token handed out at or past its ``expires_at`` (from the hot tier: ever; to a caller that
 waited on a renewal: in every process whose event loop never stalled longer than the
 token's margin, 0.5 s — a longer stall resumes the caller late, which no cache can
-prevent), no other error, and liveness: every
+prevent), no other error (in a process whose loop stalled past the margin: only the
+errors such a stall causes, see below), and liveness: every
 surviving process served tokens all along (no caller went without one for longer than
 the dead holder's lease and a renewal).
 """
@@ -210,7 +211,19 @@ async def test_customer_soak_with_a_lock_holder_killed(
         # margin (CPU starvation: seen at load 20+ under nice) resumes it after expiry.
         assert sum(r["expired_hot"] for r in results) == 0
         assert all(r["expired"] == 0 for r in results if r["max_lag"] < MARGIN), report
-        assert not any(errors.values())
+        # No error at all in a process whose loop kept up. One stalled past the margin
+        # (starved of CPU) may see what such a stall causes, and nothing else: a backend
+        # call timing out (the backend is then skipped for a second, and a customer is
+        # never renewed without its lock: BackendError), or an answer that arrived
+        # inside its margin (refused to callers, though its pair is stored).
+        stall_errors = ("BackendError", "TokenEndpointError: the token endpoint returned")
+        for r in results:
+            raised = [text for text, n in r["errors"].items() if n]
+            if r["max_lag"] < MARGIN:
+                assert raised == [], report
+            else:
+                assert all(text.startswith(stall_errors) for text in raised), report
+                assert r["served"] >= 0.95 * r["calls"], report
         # Liveness: every survivor kept being served; the longest wait is the dead
         # holder's lease plus a renewal, for callers of the customer it held.
         assert all(r["served"] > 0.5 * r["calls"] for r in results)
