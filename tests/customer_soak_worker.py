@@ -102,9 +102,10 @@ async def main() -> None:
                     # that case), and stop every later one at this gate too.
                     if not stopped.is_set():
                         stopped.set()
+                        since = time.time()
                         while sending[0]:
                             await asyncio.sleep(0.01)
-                        print(json.dumps({"holding": key}), flush=True)
+                        print(json.dumps({"holding": key, "since": since}), flush=True)
                     await asyncio.Event().wait()  # lock held, nothing sent: kill me now
                 if stopped.is_set():
                     await asyncio.Event().wait()
