@@ -500,12 +500,16 @@ class TokenManager(CustomerTokens, ManagerExtras):
                 # so every process computes the same windows from the stored token.
                 token = stale
             if self._clock.time() >= token.expires_at - safety_margin(token, self._tuning):
-                # Only a reissued token can be this old: never hand it to a caller that
-                # is waiting because the cached one reached its margin.
+                # A reissued token, or an answer this process took too long to read (a
+                # stalled loop): never hand it to a caller that is waiting because the
+                # cached one reached its margin.
+                left = f"{token.expires_at - self._clock.time():.1f} s left"
                 raise TokenEndpointError(
-                    "the token endpoint returned the current token again, with "
-                    f"{token.expires_at - self._clock.time():.0f} s left: inside the "
-                    "safety margin"
+                    f"the token endpoint returned the current token again, with {left}: "
+                    "inside the safety margin"
+                    if stale is not None and token is stale
+                    else f"the token endpoint's answer was read with {left} in its token "
+                    "(a slow answer or a stalled event loop): inside the safety margin"
                 )
             await self._shared.write(key, token)
         finally:

@@ -215,7 +215,7 @@ async def test_customer_soak_with_a_lock_holder_killed(
         # call timing out (the backend is then skipped for a second, and a customer is
         # never renewed without its lock: BackendError), or an answer that arrived
         # inside its margin (refused to callers, though its pair is stored).
-        stall_errors = ("BackendError", "TokenEndpointError: the token endpoint returned")
+        stall_errors = ("BackendError", "TokenEndpointError: the token endpoint's answer was read")
         for r in results:
             raised = [text for text, n in r["errors"].items() if n]
             if r["max_lag"] < MARGIN:
