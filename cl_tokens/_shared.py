@@ -202,13 +202,23 @@ class SharedTier:
             return None
         return result if self.trusted(key, result) else None
 
-    async def write(self, key: str, token: Token) -> None:
-        """Store ``token`` under ``key``, sealed with this credential's MAC."""
+    async def write(self, key: str, token: Token, *, retry: bool = True) -> bool:
+        """Store ``token`` under ``key``, sealed with this credential's MAC; whether the
+        backend took it.
+
+        A failed write is retried in the background, unless ``retry`` is False or the
+        token carries a refresh token: a customer's pair written late could overwrite a
+        newer pair another process rotated meanwhile, and bring back a spent refresh
+        token that would then be sent again.
+        """
         sealed = replace(token, seal=self._keys.seal(key, token))
         self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
-        if isinstance(result, _Unavailable):
+        if not isinstance(result, _Unavailable):
+            return True
+        if retry and token.refresh_token is None:
             self._rewrite_later(key, sealed)
+        return False
 
     def _rewrite_later(self, key: str, sealed: Token) -> None:
         # Lost to a failover or a blip: the other processes would each fetch.
@@ -281,7 +291,8 @@ class SharedTier:
             await self.release(handle)
             raise
         if isinstance(result, _Unavailable):
-            self._rewrite_later(key, sealed)
+            if token.refresh_token is None:  # see write(): never a customer's pair
+                self._rewrite_later(key, sealed)
             self._later(lambda: self.backend.release_lock(handle))
 
     def _cancel_rewrite(self, key: str) -> None:
@@ -337,6 +348,10 @@ class SharedTier:
         renewal = self._renewals.pop(handle, None)
         if renewal is not None:
             renewal.cancel()
+
+    def holds(self, key: str) -> bool:
+        """Whether this process holds the lock on ``key`` (taken, and not known lost)."""
+        return any(h.key == key and not t.done() for h, t in self._renewals.items())
 
     async def _renew(self, handle: LockHandle, lease: float, hold: float) -> None:
         deadline = self._clock.monotonic() + hold
