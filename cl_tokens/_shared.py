@@ -102,10 +102,14 @@ class SharedTier:
         # slow start for an outage and each process fetched by itself.
         self._connected: asyncio.AbstractEventLoop | None = None
         self._connecting: asyncio.Task[None] | None = None
+
+    @property
+    def _direct(self) -> bool:
         # A backend that never blocks (the memory backend) is awaited directly: a task
         # and a timer per call cost more than the call. Only a class that says so
-        # itself: a subclass may add I/O to an inherited ``blocking = False``.
-        self._direct = type(backend).__dict__.get("blocking", True) is False
+        # itself: a subclass may add I/O to an inherited ``blocking = False``. Read
+        # each time: the backend may be swapped after construction.
+        return type(self.backend).__dict__.get("blocking", True) is False
 
     @property
     def available(self) -> bool:
