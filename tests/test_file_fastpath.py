@@ -129,9 +129,9 @@ async def test_a_write_between_the_check_and_the_wait_is_not_lost(tmp_path: Path
     def write_after_first_check(n: int) -> None:
         # The first check saw "held, no token"; the write lands before the waiter waits.
         if n == 1:
-            from cl_tokens.backends._file import _Handoff
+            from cl_tokens.backends._file_locks import LockHandoff
 
-            writer._write_and_unlock(KEY, data, _Handoff(fd))
+            writer._write_and_unlock(KEY, data, LockHandoff(fd))
 
     peeks = _count_peeks(reader, write_after_first_check)
     assert await reader.wait_for(KEY, timeout=10) == token

@@ -49,7 +49,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -60,6 +60,7 @@ from .._token import Token
 from ._base import BackendURL, LockHandle, TokenBackend
 from ._codec import EncryptionKey, make_codec
 from ._daemon_pool import DaemonPool
+from ._file_locks import LockAttempt, LockHandoff, unlock
 from ._file_safety import (
     check_directory_path,
     open_directory,
@@ -155,65 +156,6 @@ def file_url_problem(url: str) -> str | None:
             "other options as arguments"
         )
     return None
-
-
-class _LockAttempt:
-    """One non-blocking try at an ``flock`` (after reading the token, for
-    ``get_or_lock``), made in a worker thread.
-
-    A cancelled ``await`` stops waiting for the thread but not the thread itself;
-    whichever side finishes last closes a lock nobody will use, so cancelling
-    ``acquire_lock`` never leaves the key locked.
-    """
-
-    def __init__(self, take: Callable[[], Token | int | None]) -> None:
-        self.result: Token | int | None = None
-        self._take = take
-        self._abandoned = False
-        self._guard = threading.Lock()
-
-    @property
-    def fd(self) -> int | None:
-        return self.result if isinstance(self.result, int) else None
-
-    def run(self) -> None:
-        result = self._take()
-        with self._guard:
-            if not self._abandoned:
-                self.result = result
-                return
-        if isinstance(result, int):
-            os.close(result)
-
-    def abandon(self) -> None:
-        with self._guard:
-            self._abandoned = True
-            result, self.result = self.result, None
-        if isinstance(result, int):
-            os.close(result)
-
-
-class _Handoff:
-    """A held lock's descriptor, released by exactly one side: the thread that writes
-    the token and then releases it, or a caller cancelled before that thread began."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd: int | None = fd
-        self._guard = threading.Lock()
-
-    def take(self) -> int | None:
-        with self._guard:
-            fd, self._fd = self._fd, None
-        return fd
-
-
-def _unlock(fd: int) -> None:
-    """Release an flock and close its descriptor; the close is what wakes the waiters
-    of other processes (``IN_CLOSE_WRITE``), so it comes after the unlock."""
-    try:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _parse_backoff(data: bytes) -> float | None:
@@ -421,14 +363,14 @@ class FileBackend(TokenBackend):
                 # read again rather than fetch a token that is already there.
                 token = self._token_in(dfd, key, refuse)
             except BaseException:
-                _unlock(fd)
+                unlock(fd)
                 raise
             if token is None:
                 return fd
-            _unlock(fd)
+            unlock(fd)
             return token
 
-    def _write_and_unlock(self, key: str, data: bytes, handoff: _Handoff) -> None:
+    def _write_and_unlock(self, key: str, data: bytes, handoff: LockHandoff) -> None:
         """The whole of ``set_and_release`` in one thread hop."""
         fd = handoff.take()
         if fd is None:
@@ -436,7 +378,7 @@ class FileBackend(TokenBackend):
         try:
             self._write(key, ".json", data, False)
         finally:
-            _unlock(fd)
+            unlock(fd)
 
     def _peek(self, key: str) -> tuple[Token | None, bool]:
         """The stored token and whether the lock on ``key`` is held, for waiters.
@@ -482,7 +424,7 @@ class FileBackend(TokenBackend):
     ) -> Token | LockHandle | None:
         """Read the token and, if there is none (or only ``refuse``), take the lock, in
         one thread hop; the token is read again under a newly taken lock."""
-        attempt = _LockAttempt(lambda: self._get_or_lock(key, refuse))
+        attempt = LockAttempt(lambda: self._get_or_lock(key, refuse))
         try:
             with _wrap_errors("read or lock", key):
                 await self._threads.run(attempt.run)
@@ -505,7 +447,7 @@ class FileBackend(TokenBackend):
             # Not a lock of this backend (or already released): write only.
             await self.set(key, token)
             return
-        handoff = _Handoff(fd)
+        handoff = LockHandoff(fd)
         try:
             with _wrap_errors("write", key):
                 data = self._codec.encode(token)
@@ -514,7 +456,7 @@ class FileBackend(TokenBackend):
             mine = handoff.take()  # the thread never started: release here, inline
             if mine is not None:
                 with _wrap_errors("unlock", key):
-                    _unlock(mine)
+                    unlock(mine)
 
     async def wait_for(
         self, key: str, *, timeout: float, refuse: str | None = None, poll: float = 0.05
@@ -552,7 +494,7 @@ class FileBackend(TokenBackend):
 
     async def acquire_lock(self, key: str, *, lease: float) -> LockHandle | None:
         # ``lease`` is unused: the OS releases an flock when its holder dies.
-        attempt = _LockAttempt(lambda: self._take_lock(key))
+        attempt = LockAttempt(lambda: self._take_lock(key))
         try:
             with _wrap_errors("lock", key):
                 await self._threads.run(attempt.run)

@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -45,8 +43,12 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .._token import Token
+
+if TYPE_CHECKING:
+    import ctypes
 
 __all__ = ["NO_PUSH", "DirWatcher", "NoPush", "Peek"]
 
@@ -81,8 +83,11 @@ NO_PUSH = NoPush()
 def _load_libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # only for a wait: its import costs time most processes never need
+
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        # The process's own symbols, libc's among them: find_library would run ldconfig.
+        libc = ctypes.CDLL(None, use_errno=True)
         libc.inotify_init1.argtypes = [ctypes.c_int]
         libc.inotify_add_watch.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_uint32]
     except (OSError, AttributeError):
@@ -212,9 +217,10 @@ class DirWatcher:
             return False
         fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
         if fd < 0:
-            logger.debug(
-                "inotify_init1 failed (%s): polling", errno.errorcode.get(ctypes.get_errno())
-            )
+            import ctypes
+
+            error = errno.errorcode.get(ctypes.get_errno())
+            logger.debug("inotify_init1 failed (%s): polling", error)
             return False
         mask = _WATCHED | _IN_ONLYDIR | _IN_DONT_FOLLOW
         if libc.inotify_add_watch(fd, os.fsencode(self._dir), mask) < 0:
