@@ -356,3 +356,26 @@ async def test_without_inotify_the_wait_polls_and_still_sees_a_release(
     await asyncio.sleep(0.05)
     await holder.release_lock(handle)
     assert await waiting is None
+
+
+async def test_a_failed_watcher_thread_ends_its_waits_and_the_next_wait_starts_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    holder, reader = FileBackend(tmp_path), FileBackend(tmp_path)
+    handle = await holder.get_or_lock(KEY, lease=60)
+    assert isinstance(handle, LockHandle)
+    real = _file_watch.DirWatcher._drain
+
+    def broken(*args: Any) -> set[str]:
+        raise OSError("the inotify descriptor went bad")
+
+    monkeypatch.setattr(_file_watch.DirWatcher, "_drain", broken)
+    assert await reader.wait_for(KEY, timeout=60) is None  # not after 60 s: at once
+    assert reader._watcher._fd == -1
+    monkeypatch.setattr(_file_watch.DirWatcher, "_drain", real)
+    waiting = asyncio.ensure_future(reader.wait_for(KEY, timeout=30))
+    await asyncio.sleep(0.1)
+    token = make_token()
+    await holder.set_and_release(KEY, token, handle)
+    assert await waiting == token
+    await reader.aclose()

@@ -253,6 +253,21 @@ class DirWatcher:
         self._running = False
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException as exc:
+            # Never seen; if it happens, the waiters must not wait out their timeouts
+            # on a thread that is gone, and the next wait must start a new one.
+            logger.debug("file backend: the watcher's thread failed: %r", exc)
+            with self._guard:
+                ended = list(self._waiters.values())
+                self._waiters.clear()
+                self._close_fds()
+            for waiters in ended:
+                for waiter in waiters:
+                    self._deliver(waiter, None)
+
+    def _loop(self) -> None:
         poller = select.poll()
         with self._guard:
             fd, wake_r = self._fd, self._wake_r
