@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import textwrap
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -379,3 +380,28 @@ async def test_a_failed_watcher_thread_ends_its_waits_and_the_next_wait_starts_a
     await holder.set_and_release(KEY, token, handle)
     assert await waiting == token
     await reader.aclose()
+
+
+async def test_the_back_off_read_with_the_lock_answers_the_next_get_backoff(
+    tmp_path: Path,
+) -> None:
+    other, backend = FileBackend(tmp_path), FileBackend(tmp_path)
+    retry_at = time.time() + 30
+    await other.set_backoff(KEY, retry_at)
+    hops = _count_hops(backend)
+    handle = await backend.get_or_lock(KEY, lease=60)
+    assert isinstance(handle, LockHandle)
+    assert await backend.get_backoff(KEY) == retry_at
+    assert hops[0] == 1  # the cold path's second step needed no hop of its own
+    assert await backend.get_backoff(KEY) == retry_at  # the memo is used once
+    assert hops[0] == 2
+    await backend.release_lock(handle)
+    # A back-off written after the lock was taken is not hidden by the memo.
+    handle = await backend.get_or_lock(KEY, lease=60)
+    assert isinstance(handle, LockHandle)
+    later = time.time() + 60
+    await backend.set_backoff(KEY, later)
+    assert await backend.get_backoff(KEY) == later
+    await backend.release_lock(handle)
+    await other.aclose()
+    await backend.aclose()

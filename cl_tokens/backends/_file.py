@@ -20,7 +20,9 @@ are ignored with a warning; symbolic links are never followed. File calls run on
 backend's own daemon threads (see ``_daemon_pool``).
 
 The cold path takes two thread hops: ``get_or_lock`` reads the token and, on a miss,
-takes the lock (then reads again under it) in one; ``set_and_release`` writes the token
+takes the lock (then reads again under it, and reads the back-off file, which the
+``get_backoff`` that follows within a second gets from memory) in one;
+``set_and_release`` writes the token
 (temporary file, rename) and releases the lock in one. Waiters are woken by the write
 or the release through inotify (``_file_watch``), and poll where it is missing.
 
@@ -92,6 +94,10 @@ _MAX_STEM = 200  # file names are limited to 255 bytes; leave room for suffixes
 _MAX_STUCK = 4
 _MAX_THREADS = 8
 _MAX_WARNED = 1024  # ignored files remembered, so each is warned about once
+# A back-off that get_or_lock read with the lock answers the get_backoff that follows it
+# (the manager's next step) for this long: one thread hop saved on the cold path.
+_BACKOFF_MEMO = 1.0
+_MAX_MEMO = 1024
 
 _BACKENDS: weakref.WeakSet[FileBackend] = weakref.WeakSet()
 
@@ -212,6 +218,8 @@ class FileBackend(TokenBackend):
         check_directory_path(self._dir)
         self._clock: Clock = clock or SystemClock()
         self._held: dict[str, int] = {}  # lock owner -> the fd holding its flock
+        # key -> (the back-off file read by get_or_lock with the lock, when)
+        self._backoff_memo: dict[str, tuple[bytes | None, float]] = {}
         self._threads = DaemonPool("cl_tokens-file", max_threads=_MAX_THREADS, max_stuck=_MAX_STUCK)
         self._warned: set[tuple[str, int, int]] = set()
         self._warn_guard = threading.Lock()
@@ -273,6 +281,10 @@ class FileBackend(TokenBackend):
             if dfd is None:
                 return None
             return read_regular(dfd, _stem(key) + suffix, limit, self._ignored)
+
+    def _read_backoff(self, key: str) -> bytes | None:
+        with self._opened_dir(create=False) as dfd:
+            return None if dfd is None else self._backoff_in(dfd, key)
 
     def _write(self, key: str, suffix: str, data: bytes, durable: bool) -> None:
         with self._opened_dir(create=True) as dfd:
@@ -348,8 +360,12 @@ class FileBackend(TokenBackend):
             return None
         return None if token.access_token == refuse else token
 
-    def _get_or_lock(self, key: str, refuse: str | None) -> Token | int | None:
-        """The whole of ``get_or_lock`` in one thread hop."""
+    def _get_or_lock(
+        self, key: str, refuse: str | None, backoff: list[bytes | None]
+    ) -> Token | int | None:
+        """The whole of ``get_or_lock`` in one thread hop; with the lock taken, the
+        back-off file is read too (into ``backoff``) for the ``get_backoff`` that
+        follows."""
         with self._opened_dir(create=True) as dfd:
             assert dfd is not None  # noqa: S101 - create=True always opens it (for mypy)
             token = self._token_in(dfd, key, refuse)
@@ -366,9 +382,18 @@ class FileBackend(TokenBackend):
                 unlock(fd)
                 raise
             if token is None:
+                try:
+                    backoff.append(self._backoff_in(dfd, key))
+                except BaseException:
+                    unlock(fd)
+                    raise
                 return fd
             unlock(fd)
             return token
+
+    def _backoff_in(self, dfd: int, key: str) -> bytes | None:
+        # One byte more than allowed: a longer file is junk, not its first bytes.
+        return read_regular(dfd, _stem(key) + ".backoff", _MAX_BACKOFF_BYTES + 1, self._ignored)
 
     def _write_and_unlock(self, key: str, data: bytes, handoff: LockHandoff) -> None:
         """The whole of ``set_and_release`` in one thread hop."""
@@ -424,7 +449,8 @@ class FileBackend(TokenBackend):
     ) -> Token | LockHandle | None:
         """Read the token and, if there is none (or only ``refuse``), take the lock, in
         one thread hop; the token is read again under a newly taken lock."""
-        attempt = LockAttempt(lambda: self._get_or_lock(key, refuse))
+        backoff: list[bytes | None] = []
+        attempt = LockAttempt(lambda: self._get_or_lock(key, refuse, backoff))
         try:
             with _wrap_errors("read or lock", key):
                 await self._threads.run(attempt.run)
@@ -436,6 +462,9 @@ class FileBackend(TokenBackend):
             return result
         owner = secrets.token_hex(16)
         self._held[owner] = result
+        if len(self._backoff_memo) > _MAX_MEMO:
+            self._backoff_memo.clear()
+        self._backoff_memo[key] = (backoff[0] if backoff else None, time.monotonic())
         return LockHandle(key, owner)
 
     async def set_and_release(self, key: str, token: Token, handle: LockHandle) -> None:
@@ -522,9 +551,12 @@ class FileBackend(TokenBackend):
     async def get_backoff(self, key: str) -> float | None:
         """The ``retry_at`` in ``<stem>.backoff``; None when absent, expired, junk
         (not a finite number, or more than a day ahead) or not trusted."""
-        with _wrap_errors("read the back-off of", key):
-            # One byte more than allowed: a longer file is junk, not its first bytes.
-            data = await self._threads.run(self._read, key, ".backoff", _MAX_BACKOFF_BYTES + 1)
+        memo = self._backoff_memo.pop(key, None)
+        if memo is not None and time.monotonic() - memo[1] < _BACKOFF_MEMO:
+            data = memo[0]  # read with the lock an instant ago: no second hop
+        else:
+            with _wrap_errors("read the back-off of", key):
+                data = await self._threads.run(self._read_backoff, key)
         too_long = data is not None and len(data) > _MAX_BACKOFF_BYTES
         retry_at = _parse_backoff(data) if data and not too_long else None
         if retry_at is None:
@@ -539,6 +571,7 @@ class FileBackend(TokenBackend):
 
         Not fsynced: after a crash, a lost back-off costs one request, never a token.
         """
+        self._backoff_memo.pop(key, None)
         with _wrap_errors("write the back-off of", key):
             if not math.isfinite(retry_at):
                 raise ValueError("retry_at must be a finite number")
