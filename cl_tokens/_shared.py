@@ -203,18 +203,28 @@ class SharedTier:
         self._forged.discard(key)
         return result
 
-    async def write(self, key: str, token: Token) -> None:
-        """Store ``token`` under ``key``, sealed with this credential's MAC."""
+    async def write(self, key: str, token: Token, *, retry: bool = True) -> bool:
+        """Store ``token`` under ``key``, sealed with this credential's MAC; whether the
+        backend took it.
+
+        A failed write is retried in the background, unless ``retry`` is False or the
+        token carries a refresh token: a customer's pair written late could overwrite a
+        newer pair another process rotated meanwhile, and bring back a spent refresh
+        token that would then be sent again.
+        """
         sealed = replace(token, seal=self._keys.seal(key, token))
         self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
-        if isinstance(result, _Unavailable):
+        if not isinstance(result, _Unavailable):
+            return True
+        if retry and token.refresh_token is None:
             # Lost to a failover or a blip: the other processes would each fetch.
             task = self._later(lambda: self.backend.set(key, sealed))
             self._rewrites[key] = task
             task.add_done_callback(
                 lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
             )
+        return False
 
     def _cancel_rewrite(self, key: str) -> None:
         """A later write or delete of ``key`` supersedes a write still being retried: an
@@ -261,6 +271,10 @@ class SharedTier:
             task = asyncio.get_running_loop().create_task(self._renew(handle, lease, hold))
             self._renewals[handle] = task
         return handle
+
+    def holds(self, key: str) -> bool:
+        """Whether this process holds the lock on ``key`` (taken, and not known lost)."""
+        return any(h.key == key and not t.done() for h, t in self._renewals.items())
 
     async def _renew(self, handle: LockHandle, lease: float, hold: float) -> None:
         deadline = self._clock.monotonic() + hold
