@@ -19,12 +19,12 @@ finds it); token and back-off files that another user owns, or that others may r
 are ignored with a warning; symbolic links are never followed. File calls run on the
 backend's own daemon threads (see ``_daemon_pool``).
 
-The cold path takes two thread hops: ``get_or_lock`` reads the token and, on a miss,
-takes the lock (then reads again under it, and reads the back-off file, which the
-``get_backoff`` that follows within a second gets from memory) in one;
-``set_and_release`` writes the token
-(temporary file, rename) and releases the lock in one. Waiters are woken by the write
-or the release through inotify (``_file_watch``), and poll where it is missing.
+The cold path takes two thread hops. ``get_or_lock`` reads the token and, on a miss,
+takes the lock, reads the token again under it and reads the back-off file (which the
+``get_backoff`` that follows within a second gets from memory), all in one;
+``set_and_release`` writes the token (temporary file, rename) and releases the lock in
+one. Waiters are woken by the write or the release through inotify (``_file_watch``),
+and poll where it is missing.
 
 What a crash can lose: token writes are not fsynced. A process that dies loses
 nothing (the page cache is the kernel's); a machine that loses power may come back
