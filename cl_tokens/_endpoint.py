@@ -196,7 +196,8 @@ class TokenEndpoint:
         if not isinstance(token_type, str) or not token_type:
             raise malformed("token_type is not a string")
         granted = data.get("scope")
-        if not isinstance(granted, str) or not granted:
+        if not isinstance(granted, str) or not granted or granted == scope:
+            # The requested scope's own string, which the cache keys already hold.
             granted = scope
         elif len(granted) > MAX_SCOPE_LENGTH or not granted.isprintable():
             raise malformed(

@@ -185,14 +185,16 @@ class TokenManager(CustomerTokens, ManagerExtras):
         # scrypt of the secret, once per credential per process: keys and MACs come
         # from it, so neither a key nor a stored value reveals or accepts a wrong secret.
         self._credential = credential_keys(auth_url, client_id, client_secret)
+        built = self._build_backend(backend, options)
         self._shared = SharedTier(
-            self._build_backend(backend, options),
+            built,
             clock=self._clock,
             strict=self._tuning.strict,
             timeout=self._tuning.backend_timeout,
             retry_interval=self._tuning.backend_retry_interval,
             keys=self._credential,
             backoff_cap=self._tuning.throttle_cap,
+            sealed=not (self._owns_backend and isinstance(built, MemoryBackend)),
         )
         self._rng = random.Random()  # noqa: S311 - jitter of timings, not a secret
         self._tier = MemoryTier(self._tuning, self._clock, self._rng)
