@@ -369,6 +369,9 @@ def _set_access_token(self: Token, value: object) -> None:
 
 # The dataclass field stays (fields(), replace(), ==, the constructor's keyword); its
 # value lives in _authorization, so a token costs its length once, not twice.
-Token.access_token = property(  # type: ignore[assignment,method-assign]
-    _get_access_token, _set_access_token, doc="The bearer token (never shown by ``repr``)."
+# (setattr: mypy reads the assignment as a class variable clashing with the slot.)
+setattr(  # noqa: B010
+    Token,
+    "access_token",
+    property(_get_access_token, _set_access_token, doc="The bearer token (never in a repr)."),
 )
