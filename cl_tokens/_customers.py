@@ -3,16 +3,21 @@
 A customer's token takes the app token's path (hot tier, single flight, shared backend,
 lock); only its key (which adds the owner) and its grant differ. The renewal is the
 hard part: Commerce Layer rotates refresh tokens, so a refresh token sent twice (two
-processes renewing at once) can log the customer out. Under the backend's lock the
-holder re-reads the stored pair, uses it if another process renewed meanwhile, else
-marks the stored refresh token spent *before* sending it, and writes the new pair
-before releasing the lock. A refresh token is therefore sent at most once by the whole
-fleet: a holder that dies mid-renewal leaves it marked spent, and the customer must log
-in again rather than risk a reuse.
+processes renewing at once) can log the customer out. A refresh token is sent only by
+the holder of the backend's lock, which re-reads the stored pair, uses it if another
+process renewed meanwhile, else writes an in-flight mark into it (``refresh_sent``)
+*before* sending it, and writes the new pair before releasing the lock.
+
+A marked refresh token is never sent again, by any process: it may be spent. A holder
+that finds a marked pair (the lock of the one that sent it was lost, or that process
+died) waits for its answer to be written, until ``attempt_timeout + 2 *
+backend_timeout`` after the mark; if none comes, the customer must log in again. The
+mark is cleared only when the server answered without taking the token (5xx, 429).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -21,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._errors import (
     AuthenticationError,
+    BackendError,
     ConfigurationError,
     LoginRequiredError,
     TokenEndpointError,
@@ -210,9 +216,19 @@ class CustomerTokens:
         # The store is the fleet's truth: a pair in memory may hold a refresh token that
         # another process has already spent. Only without a stored pair (a private
         # memory:// store, or one that lost it) is the in-process pair used.
+        if stored is None and not self._shared.available:
+            raise self._unrenewed("the shared backend could not be read")
         pair = stored if stored is not None else self._pairs.get(key)
         if pair is not None and pair.refresh_token is not None:
-            return await self._send_refresh(key, scope, pair, owner_id)
+            if pair.refresh_sent is None:
+                return await self._send_refresh(key, scope, pair, owner_id)
+            answer = await self._await_answer(key, pair)
+            if answer is not None:
+                if answer.refresh_token == pair.refresh_token:
+                    # Unmarked: the server answered without taking it (5xx, 429).
+                    return await self._send_refresh(key, scope, answer, owner_id)
+                if answer.refresh_token is not None:
+                    return answer
         if owner is not None and owner.by_assertion:
             assertion = create_assertion(
                 owner_id=owner.owner_id,
@@ -223,18 +239,51 @@ class CustomerTokens:
                 scope, self._tuning.attempt_timeout, jwt_bearer(assertion)
             )
             return self._owned(token, owner_id, owner.owner_type)
+        if pair is not None and pair.refresh_sent is not None:
+            raise LoginRequiredError(
+                "the customer's refresh token was sent by a process whose answer never "
+                "came (it died, or its request timed out); it may be spent, and a refresh "
+                "token is never sent twice: log in again",
+                owner_id=owner_id,
+                status=401,
+            )
         raise LoginRequiredError(
             "no token or refresh token is cached for this customer: log in again",
             owner_id=owner_id,
             status=401,
         )
 
+    async def _await_answer(self, key: str, marked: Token) -> Token | None:
+        """The pair that replaced ``marked`` (in flight elsewhere), or None if none came
+        by the time its sender must have written its answer."""
+        tuning = self._tuning
+        assert marked.refresh_sent is not None  # noqa: S101 - checked by the caller
+        until = marked.refresh_sent + tuning.attempt_timeout + 2 * tuning.backend_timeout
+        while True:
+            again = await self._shared.read(key)
+            if again is not None and (
+                again.refresh_token != marked.refresh_token or again.refresh_sent is None
+            ):
+                return again
+            if self._clock.time() >= until:
+                return None
+            await asyncio.sleep(max(tuning.lock_poll_interval, 0.05))
+
     async def _send_refresh(self, key: str, scope: str | None, pair: Token, owner_id: str) -> Token:
         spent = pair.refresh_token
         assert spent is not None  # noqa: S101 - checked by the caller (for mypy)
-        # Marked spent before it is sent: whatever happens next, no process sends it again.
-        await self._shared.write(key, replace(pair, refresh_token=None, refresh_expires_at=None))
-        self._pairs[key] = replace(pair, refresh_token=None, refresh_expires_at=None)
+        unmarked = replace(pair, refresh_sent=None, seal=None)
+        marked = replace(unmarked, refresh_sent=self._clock.time())
+        # Only the lock's holder sends, and only once the fleet can see the mark: from
+        # then on, whatever happens to this process, no process sends this token again.
+        if not self._shared.holds(key):
+            raise self._unrenewed("its lock could not be had")
+        if not await self._shared.write(key, marked, retry=False):
+            # A write that timed out may still land: take the mark back (nothing was
+            # sent), or the fleet would wait for an answer that never comes.
+            await self._store_pair(key, unmarked)
+            raise self._unrenewed("the in-flight mark could not be stored")
+        self._pairs[key] = marked
         try:
             token = await self._endpoint.request(
                 scope, self._tuning.attempt_timeout, refresh_grant(spent)
@@ -243,6 +292,10 @@ class CustomerTokens:
             again = await self._shared.read(key)
             if again is not None and again.refresh_token not in (None, spent):
                 return again  # another process rotated it meanwhile (a lost lock)
+            # Refused (spent, revoked, expired): nobody need wait for an answer to it.
+            dropped = replace(unmarked, refresh_token=None, refresh_expires_at=None)
+            await self._store_pair(key, dropped)
+            self._pairs[key] = dropped
             raise LoginRequiredError(
                 f"the customer's refresh token was refused ({error}): log in again",
                 owner_id=owner_id,
@@ -254,11 +307,43 @@ class CustomerTokens:
         except TokenEndpointError as error:
             if error.status is not None:
                 # The server answered (5xx, 429): it did not take the refresh token.
-                await self._shared.write(key, pair)
-                self._pairs[key] = pair
+                await self._store_pair(key, unmarked)
+                self._pairs[key] = unmarked
             raise
+        token = self._owned(token, owner_id, pair.owner_type)
+        # Stored at once, whatever the caller makes of it (an answer so late that its
+        # access token is already inside its margin is refused by the manager): its
+        # refresh token is now the customer's only valid one.
+        await self._store_pair(key, token)
+        self._pairs[key] = token
         logger.info("customer token renewed: %s", fingerprint(token.access_token))
-        return self._owned(token, owner_id, pair.owner_type)
+        return token
+
+    async def _store_pair(self, key: str, token: Token) -> bool:
+        """Write a pair over its mark, trying again while this process holds the lock:
+        until it lands, the fleet sees only the mark, and must take the customer for
+        logged out once the mark is old. (Never in the background: see
+        ``SharedTier.write``.)"""
+        delay = 0.05
+        while not await self._shared.write(key, token, retry=False):
+            if not self._shared.holds(key):
+                logger.warning(
+                    "a customer's token %s could not be stored over its in-flight mark; "
+                    "other processes will take the customer for logged out",
+                    fingerprint(token.access_token),
+                )
+                return False
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.5)
+        return True
+
+    @staticmethod
+    def _unrenewed(why: str) -> BackendError:
+        return BackendError(
+            f"a customer's refresh token is sent only under the shared backend's lock, "
+            f"once its in-flight mark is stored; {why}: not renewed (the current token is "
+            "served while it lasts)"
+        )
 
     @staticmethod
     def _owned(token: Token, owner_id: str, owner_type: str | None) -> Token:

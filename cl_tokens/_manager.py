@@ -286,7 +286,7 @@ class TokenManager(CustomerTokens, ManagerExtras):
         if value is not None:
             return {"Authorization": value}
         found = self._lookup(arg)
-        token = found if isinstance(found, Token) else await found
+        token = found if isinstance(found, Token) else await self._settle(arg, found)
         return {"Authorization": token.authorization}
 
     async def token(self, scope: str | None = None, *, customer: str | None = None) -> Token:
@@ -300,7 +300,23 @@ class TokenManager(CustomerTokens, ManagerExtras):
         if token is not None:
             return token
         found = self._lookup(arg)
-        return found if isinstance(found, Token) else await found
+        return found if isinstance(found, Token) else await self._settle(arg, found)
+
+    async def _settle(self, arg: ScopeArg, found: asyncio.Future[Token]) -> Token:
+        """The flight's token, unless this caller resumed after it expired (its loop
+        stalled longer than the safety margin): then it looks again, a few times."""
+        token = await found
+        for _ in range(3):
+            if self._clock.time() < token.expires_at:
+                return token
+            looked = self._lookup(arg)
+            token = looked if isinstance(looked, Token) else await looked
+        if self._clock.time() < token.expires_at:
+            return token
+        raise TokenError(
+            "every token this call was given had expired before the call could resume: "
+            "the event loop is stalling longer than the tokens' safety margin"
+        )
 
     async def invalidate(
         self, access_token: str, scope: str | None = None, *, customer: str | None = None
@@ -486,12 +502,16 @@ class TokenManager(CustomerTokens, ManagerExtras):
                 # so every process computes the same windows from the stored token.
                 token = stale
             if self._clock.time() >= token.expires_at - safety_margin(token, self._tuning):
-                # Only a reissued token can be this old: never hand it to a caller that
-                # is waiting because the cached one reached its margin.
+                # A reissued token, or an answer this process took too long to read (a
+                # stalled loop): never hand it to a caller that is waiting because the
+                # cached one reached its margin.
+                left = f"{token.expires_at - self._clock.time():.1f} s left"
                 raise TokenEndpointError(
-                    "the token endpoint returned the current token again, with "
-                    f"{token.expires_at - self._clock.time():.0f} s left: inside the "
-                    "safety margin"
+                    f"the token endpoint returned the current token again, with {left}: "
+                    "inside the safety margin"
+                    if stale is not None and token is stale
+                    else f"the token endpoint's answer was read with {left} in its token "
+                    "(a slow answer or a stalled event loop): inside the safety margin"
                 )
             await self._shared.write(key, token)
         finally:

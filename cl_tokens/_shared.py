@@ -53,6 +53,14 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
         task.exception()  # abandoned after a timeout: its error is not news
 
 
+#: How many times ``backend_timeout`` the first connection on a loop may take.
+CONNECT_ALLOWANCE = 5
+
+
+class _ConnectTimeout(asyncio.TimeoutError):
+    """The backend's first connection took longer than its allowance."""
+
+
 class _Unavailable:
     def __repr__(self) -> str:
         return "UNAVAILABLE"
@@ -92,6 +100,13 @@ class SharedTier:
         self._timeout = timeout
         self._retry_interval = retry_interval
         self._down_until: float | None = None  # monotonic; None while the backend is fine
+        # The backend's first connection on a loop (a Cluster client reads the slot map
+        # and the COMMAND table: seconds for a fleet starting at once on a loaded
+        # machine) is allowed CONNECT_ALLOWANCE x the per-call timeout, once, shared by
+        # every caller: counted against ``backend_timeout``, a cold fleet took the
+        # slow start for an outage and each process fetched by itself.
+        self._connected: asyncio.AbstractEventLoop | None = None
+        self._connecting: asyncio.Task[None] | None = None
 
     @property
     def available(self) -> bool:
@@ -104,11 +119,20 @@ class SharedTier:
                 close()  # never awaited: close the coroutine so Python does not warn
             return UNAVAILABLE
         try:
+            try:
+                await self._connect()
+            except BaseException:
+                close = getattr(call, "close", None)
+                if close is not None:
+                    close()
+                raise
             # A store that hangs (a blackholed host, a stuck filesystem) is a failed store.
             result = await within(call, self._timeout)
         except Exception as exc:
             metrics.backend_error()
-            if isinstance(exc, asyncio.TimeoutError):
+            if isinstance(exc, _ConnectTimeout):
+                reason = f"no connection within {CONNECT_ALLOWANCE * self._timeout:g} s"
+            elif isinstance(exc, asyncio.TimeoutError):
                 reason = f"no answer within {self._timeout:g} s"
             else:
                 reason = type(exc).__name__
@@ -138,6 +162,32 @@ class SharedTier:
             self._down_until = None
         return result
 
+    async def _connect(self) -> None:
+        """Have the backend connect on this loop, once, under a single flight."""
+        loop = asyncio.get_running_loop()
+        if self._connected is loop:
+            return
+        task = self._connecting
+        if task is None or task.get_loop() is not loop:
+            task = loop.create_task(self._connect_within())
+            task.add_done_callback(_retrieve)
+            self._connecting = task
+        try:
+            # Shielded: a caller that gives up does not cancel the others' connection.
+            await asyncio.shield(task)
+        finally:
+            if task.done() and self._connecting is task:
+                # Failed: the next call, after the retry interval, tries again.
+                self._connecting = None
+                if not task.cancelled() and task.exception() is None:
+                    self._connected = loop
+
+    async def _connect_within(self) -> None:
+        try:
+            await within(self.backend.connect(), CONNECT_ALLOWANCE * self._timeout)
+        except asyncio.TimeoutError:
+            raise _ConnectTimeout from None
+
     async def read(self, key: str) -> Token | None:
         """The token stored under ``key``, if it carries this credential's MAC."""
         result = await self._call(self.backend.get(key), "read a token")
@@ -158,18 +208,28 @@ class SharedTier:
         self._forged.discard(key)
         return result
 
-    async def write(self, key: str, token: Token) -> None:
-        """Store ``token`` under ``key``, sealed with this credential's MAC."""
+    async def write(self, key: str, token: Token, *, retry: bool = True) -> bool:
+        """Store ``token`` under ``key``, sealed with this credential's MAC; whether the
+        backend took it.
+
+        A failed write is retried in the background, unless ``retry`` is False or the
+        token carries a refresh token: a customer's pair written late could overwrite a
+        newer pair another process rotated meanwhile, and bring back a spent refresh
+        token that would then be sent again.
+        """
         sealed = replace(token, seal=self._keys.seal(key, token)) if self._sealed else token
         self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
-        if isinstance(result, _Unavailable):
+        if not isinstance(result, _Unavailable):
+            return True
+        if retry and token.refresh_token is None:
             # Lost to a failover or a blip: the other processes would each fetch.
             task = self._later(lambda: self.backend.set(key, sealed))
             self._rewrites[key] = task
             task.add_done_callback(
                 lambda done: self._rewrites.pop(key) if self._rewrites.get(key) is done else None
             )
+        return False
 
     def _cancel_rewrite(self, key: str) -> None:
         """A later write or delete of ``key`` supersedes a write still being retried: an
@@ -216,6 +276,10 @@ class SharedTier:
             task = asyncio.get_running_loop().create_task(self._renew(handle, lease, hold))
             self._renewals[handle] = task
         return handle
+
+    def holds(self, key: str) -> bool:
+        """Whether this process holds the lock on ``key`` (taken, and not known lost)."""
+        return any(h.key == key and not t.done() for h, t in self._renewals.items())
 
     async def _renew(self, handle: LockHandle, lease: float, hold: float) -> None:
         deadline = self._clock.monotonic() + hold

@@ -209,6 +209,9 @@ class Token:
             stores keep a customer's entry until then.
         owner_id: the customer (or user) the token acts for; None for the app's own.
         owner_type: ``"Customer"`` or ``"User"``; None for the app's own token.
+        refresh_sent: when (unix seconds) a process sent ``refresh_token`` to renew the
+            pair, which it marks in the store first: an in-flight mark, telling the
+            fleet that this refresh token may be spent and must never be sent again.
     """
 
     access_token: str = field(repr=False)
@@ -222,6 +225,7 @@ class Token:
     refresh_expires_at: float | None = None
     owner_id: str | None = None
     owner_type: str | None = None
+    refresh_sent: float | None = None
     # The token is kept once, as its header value ("Bearer <token>"): what the hot path
     # serves, and thousands of callers woken by one fetch read. ``access_token`` is a
     # view of it (see _access_token below), set through it by __init__.
@@ -248,6 +252,10 @@ class Token:
                 or not value.isprintable()
             ):
                 raise ValueError(f"{name} must be a printable string of at most 256 characters")
+        if self.refresh_sent is not None and (
+            not isinstance(self.refresh_sent, float | int) or not math.isfinite(self.refresh_sent)
+        ):
+            raise ValueError("refresh_sent must be a finite number")
         if not self.lifetime > 0:
             # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
@@ -314,6 +322,7 @@ class Token:
             "refresh_expires_at": self.refresh_expires_at,
             "owner_id": self.owner_id,
             "owner_type": self.owner_type,
+            "refresh_sent": self.refresh_sent,
         }
 
     @classmethod
@@ -334,6 +343,8 @@ class Token:
             refresh_expires_at = None if refresh_until is None else float(refresh_until)
             owner_id = data.get("owner_id")
             owner_type = data.get("owner_type")
+            sent = data.get("refresh_sent")
+            refresh_sent = None if sent is None else float(sent)
         except (KeyError, TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"stored token is incomplete: {type(exc).__name__}") from None
         if not isinstance(token_type, str) or (scope is not None and not isinstance(scope, str)):
@@ -352,6 +363,7 @@ class Token:
             refresh_expires_at=refresh_expires_at,
             owner_id=owner_id,
             owner_type=owner_type,
+            refresh_sent=refresh_sent,
         )
 
 

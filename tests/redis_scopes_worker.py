@@ -1,7 +1,8 @@
 """A worker for the multi-scope cross-process tests: CALLERS coroutines spread over
 SCOPES scopes ask one manager for headers at the same instant.
 
-Run as ``python tests/redis_scopes_worker.py AUTH_URL BACKEND CALLERS SCOPES START_AT``.
+Run as ``python tests/redis_scopes_worker.py AUTH_URL BACKEND CALLERS SCOPES START_AT [RUN]``
+(RUN names the scopes apart, so each run of a test starts cold on the same Redis).
 BACKEND is a URL, or ``cluster-client:HOST:PORT`` for an injected, uninitialized
 ``RedisCluster``. Prints one JSON line: the distinct headers per scope.
 """
@@ -19,6 +20,7 @@ from cl_tokens.backends import RedisBackend, TokenBackend
 
 async def main() -> None:
     auth_url, target, callers, scopes, start_at = sys.argv[1:6]
+    run = sys.argv[6] if len(sys.argv) > 6 else "0"
     backend: TokenBackend | str = target
     client = None
     if target.startswith("cluster-client:"):
@@ -27,17 +29,15 @@ async def main() -> None:
         _, host, port = target.split(":")
         client = RedisCluster(host=host, port=int(port))
         backend = RedisBackend(client)
-    names = [f"market:code:m{i}" for i in range(int(scopes))]
+    names = [f"market:code:r{run}m{i}" for i in range(int(scopes))]
     async with TokenManager(
         "test-client-id",
         "test-client-secret",
         auth_url=auth_url,
         backend=backend,
-        # The first call initializes the cluster client: CLUSTER SLOTS and the COMMAND
-        # table, 0.2 s alone and seconds for 8 interpreters on a loaded 2-core machine.
-        # The default 2 s would count that as a backend fault and fetch directly.
-        backend_timeout=8.0,
-        lock_lease=16.0,  # at least 2 x backend_timeout: renewed every third of it
+        # The default backend timings: the first call initializes the cluster client
+        # (CLUSTER SLOTS and the COMMAND table, seconds for 8 interpreters on a loaded
+        # 2-core machine), which the manager allows 5 x backend_timeout, once.
         attempts=1,
     ) as manager:
         await asyncio.sleep(max(0.0, float(start_at) - time.time()))

@@ -22,8 +22,8 @@ ALL_BACKENDS = [
     pytest.param("cluster+encrypted", marks=pytest.mark.redis, id="redis-cluster-encrypted"),
     pytest.param("sentinel", marks=pytest.mark.redis, id="redis-sentinel"),
     pytest.param("sentinel+encrypted", marks=pytest.mark.redis, id="redis-sentinel-encrypted"),
-    # Valkey plain only: encryption is the codec's, the same on every server.
     pytest.param("valkey", marks=pytest.mark.redis, id="valkey"),
+    pytest.param("valkey+encrypted", marks=pytest.mark.redis, id="valkey-encrypted"),
 ]
 
 

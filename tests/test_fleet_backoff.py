@@ -140,13 +140,15 @@ async def test_managers_sharing_a_backend_honour_each_others_back_off() -> None:
 
 
 async def test_a_valid_token_keeps_being_served_during_a_back_off() -> None:
-    # expires_in 8 s: margin 2 s, refresh window 4 s: the refresh starts at 4 s left.
-    server = FakeAuthServer(client_secret=SECRET, expires_in=8)
+    # expires_in 16 s: margin 4 s, refresh window 8 s, jitter up to 1.6 s: the refresh
+    # starts 8-9.6 s before expiry, leaving 3.5 s before the loop below ends (a loaded
+    # machine once took longer than the 1.5 s an 8 s token left).
+    server = FakeAuthServer(client_secret=SECRET, expires_in=16)
     async with server, TokenManager(server.client_id, SECRET, auth_url=server.url) as manager:
         token = await manager.token()
         server.fail_next(1_000_000, 429, retry_after=60)
         served_in_back_off = 0
-        while time.time() < token.expires_at - 2.5:
+        while time.time() < token.expires_at - 4.5:
             assert (await manager.token()) == token
             if server.token_requests == 2:  # the refresh has hit the 429
                 served_in_back_off += 1
@@ -155,7 +157,7 @@ async def test_a_valid_token_keeps_being_served_during_a_back_off() -> None:
         # the still-valid token kept being served meanwhile.
         assert server.token_requests == 2
         assert served_in_back_off > 0
-        await asyncio.sleep(max(0.0, token.expires_at - 1.5 - time.time()))
+        await asyncio.sleep(max(0.0, token.expires_at - 3.5 - time.time()))
         with pytest.raises(TokenEndpointError, match="backing off"):
             await manager.token()
         assert server.token_requests == 2

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -454,3 +455,19 @@ async def test_claims_are_a_read_only_mapping_over_the_payload(
     assert dict(claims) == claims.payload
     with pytest.raises(TypeError):
         claims["exp"] = 0  # type: ignore[index]
+
+
+async def test_a_caller_resumed_after_its_token_expired_looks_again() -> None:
+    # The loop stalls (a blocking call elsewhere in the app) between the flight's end and
+    # this caller's resumption, for longer than the token lives: it must not be handed
+    # the expired token.
+    async with (
+        FakeAuthServer(expires_in=2) as server,
+        TokenManager(server.client_id, server.client_secret, auth_url=server.url) as manager,
+    ):
+        flight = manager._lookup(None)
+        assert isinstance(flight, asyncio.Future)
+        flight.add_done_callback(lambda _done: time.sleep(2.1))
+        header = await manager.header()
+    assert server.token_requests == 2
+    assert header == {"Authorization": f"Bearer {server.issued[1]}"}

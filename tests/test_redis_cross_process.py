@@ -20,10 +20,13 @@ from cl_tokens.testing import FakeAuthServer
 
 WORKER = str(Path(__file__).with_name("redis_scopes_worker.py"))
 PROCESSES, CALLERS, SCOPES = 8, 200, 12
+# The issue asks for 10 of 10 runs; CI makes 3 (each starts 8 interpreters), and
+# CL_TOKENS_CLUSTER_RUNS=10 makes the full count.
+RUNS = int(os.environ.get("CL_TOKENS_CLUSTER_RUNS", "3"))
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 
-async def _run(backends: list[str]) -> tuple[FakeAuthServer, list[dict[str, Any]]]:
+async def _run(backends: list[str], run: int = 0) -> tuple[FakeAuthServer, list[dict[str, Any]]]:
     async with FakeAuthServer(latency=0.05) as server:
         start_at = time.time() + 2.5  # time for every interpreter to start and import
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
@@ -36,6 +39,7 @@ async def _run(backends: list[str]) -> tuple[FakeAuthServer, list[dict[str, Any]
                 str(CALLERS),
                 str(SCOPES),
                 str(start_at),
+                f"{os.getpid()}x{run}",
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=env,
@@ -62,5 +66,7 @@ async def test_cluster_url_and_injected_uninitialized_client_make_one_request_pe
 ) -> None:
     url = redis_cluster.url
     injected = f"cluster-client:127.0.0.1:{redis_cluster.ports[0]}"
-    server, results = await _run([url, injected] * (PROCESSES // 2))
-    _assert_one_request_per_scope(server, results)
+    for run in range(RUNS):
+        server, results = await _run([url, injected] * (PROCESSES // 2), run)
+        print(f"run {run + 1}/{RUNS}: {server.token_requests} token requests for {SCOPES} scopes")
+        _assert_one_request_per_scope(server, results)

@@ -331,6 +331,14 @@ class TokenBackend(ABC):
                 return None
             await asyncio.sleep(min(left, poll * random.uniform(0.5, 1.5)))  # noqa: S311
 
+    async def connect(self) -> None:  # noqa: B027 - a backend without connections needs none
+        """Connect now, on the running loop, instead of during the first call.
+
+        The manager calls it once per event loop before its first call to the backend,
+        allowing it several times ``backend_timeout``: a slow first connection (a
+        Cluster client reading the slot map) is then not taken for an outage.
+        """
+
     async def aclose(self) -> None:  # noqa: B027 - a backend without resources needs none
         """Release the backend's resources (connections, file handles)."""
 
