@@ -202,6 +202,7 @@ class TokenManager(CustomerTokens, ManagerExtras):
         # dict. Entries are retired by the tier, never checked, on the hot path.
         self._hot_headers = self._tier.headers
         self._hot_tokens = self._tier.tokens
+        self._hot_customers = self._tier.customer_headers
         self._keys: dict[ScopeArg, tuple[str, str | None]] = {}
         self._flights: SingleFlight[str, Token] = SingleFlight(
             cancelled=lambda: TokenError("the TokenManager was closed while this call waited")
@@ -278,7 +279,20 @@ class TokenManager(CustomerTokens, ManagerExtras):
             TokenEndpointError: no token could be had from the endpoint.
             ConfigurationError: ``scope`` is not a non-empty string or None.
         """
-        arg = scope if customer is None else (scope, customer)
+        if customer is None:
+            arg: ScopeArg = scope
+        elif scope is None:
+            # A customer's token for the default scope, by owner id alone: no tuple to
+            # build and hash on the warm path.
+            try:
+                value = self._hot_customers.get(customer)
+            except TypeError:
+                value = None
+            if value is not None:
+                return {"Authorization": value}
+            arg = (None, customer)
+        else:
+            arg = (scope, customer)
         try:
             value = self._hot_headers.get(arg)
         except TypeError:  # unhashable scope: let the slow path name the problem

@@ -125,6 +125,9 @@ class MemoryTier:
         self._rng = rng
         self.headers: dict[ScopeArg, str] = {}
         self.tokens: dict[ScopeArg, Token] = {}
+        # Customers' headers for the default scope by owner id: ``headers`` too has
+        # them, under (None, owner id), a tuple the warm path would build and hash.
+        self.customer_headers: dict[str, str] = {}
         self._entries: dict[str, Entry] = {}
         self._pending: dict[str, set[ScopeArg]] = {}
         self._heap: list[Entry] = []
@@ -233,6 +236,8 @@ class MemoryTier:
         entry.add_alias(scope_arg)
         self.tokens[scope_arg] = entry.token
         self.headers[scope_arg] = entry.token.authorization
+        if type(scope_arg) is tuple and scope_arg[0] is None:
+            self.customer_headers[scope_arg[1]] = entry.token.authorization
 
     def retire(self, entry: Entry) -> None:
         """Take ``entry`` off the hot tier: its next caller takes the slow path."""
@@ -240,6 +245,8 @@ class MemoryTier:
             if self.tokens.get(alias) is entry.token:
                 del self.tokens[alias]
                 del self.headers[alias]
+                if type(alias) is tuple and alias[0] is None:
+                    self.customer_headers.pop(alias[1], None)
         entry.clear_aliases()
 
     def drop(self, key: str) -> Entry | None:
@@ -275,6 +282,7 @@ class MemoryTier:
         """Empty the hot tier (the memory tier keeps its tokens)."""
         self.headers.clear()
         self.tokens.clear()
+        self.customer_headers.clear()
         for entry in self._entries.values():
             entry.clear_aliases()
 
