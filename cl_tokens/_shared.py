@@ -82,8 +82,13 @@ class SharedTier:
         retry_interval: float,
         keys: CredentialKeys,
         backoff_cap: float,
+        sealed: bool = True,
     ) -> None:
         self.backend = backend
+        # False for the manager's private memory:// store: nothing outside this process
+        # can write it, so a MAC proves nothing, and the store keeps the very Token the
+        # memory tier holds instead of a sealed copy (the token is in memory once).
+        self._sealed = sealed
         self._keys = keys
         self._backoff_cap = backoff_cap
         self._forged: set[str] = set()  # keys already warned about: one warning each
@@ -188,7 +193,7 @@ class SharedTier:
         result = await self._call(self.backend.get(key), "read a token")
         if isinstance(result, _Unavailable) or result is None:
             return None
-        if not self._keys.verify(key, result):
+        if self._sealed and not self._keys.verify(key, result):
             if key not in self._forged:
                 if len(self._forged) > 1024:
                     self._forged.clear()
@@ -212,7 +217,7 @@ class SharedTier:
         newer pair another process rotated meanwhile, and bring back a spent refresh
         token that would then be sent again.
         """
-        sealed = replace(token, seal=self._keys.seal(key, token))
+        sealed = replace(token, seal=self._keys.seal(key, token)) if self._sealed else token
         self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
         if not isinstance(result, _Unavailable):

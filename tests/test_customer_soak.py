@@ -13,11 +13,9 @@ holder killed *after* sending leaves a spent token: that customer must log in ag
 nobody sends the token twice; ``test_customer_in_flight`` shows it.)
 
 What it asserts: 0 refresh-token reuses at the server, 0 ``LoginRequiredError``, no
-token handed out at or past its ``expires_at`` (from the hot tier: ever; to a caller that
-waited on a renewal: in every process whose event loop never stalled longer than the
-token's margin, 0.5 s — a longer stall resumes the caller late, which no cache can
-prevent), no other error (in a process whose loop stalled past the margin: only the
-errors such a stall causes, see below), and liveness: every
+token handed out at or past its ``expires_at`` (a caller that a stalled loop resumes
+after its token expired looks again), no other error (in a process whose loop stalled
+past the margin: only the errors such a stall causes, see below), and liveness: every
 surviving process served tokens all along (no caller went without one for longer than
 the dead holder's lease and a renewal).
 """
@@ -208,17 +206,16 @@ async def test_customer_soak_with_a_lock_holder_killed(
         assert lock_owner is not None, "the killed worker did not hold the customer's lock"
         assert customers.refresh_reuses == 0
         assert total["login_required"] == 0
-        # No expired token from the cache, ever. A caller waiting on a renewal gets a
-        # token with at least the margin left; only a loop stalled longer than the
-        # margin (CPU starvation: seen at load 20+ under nice) resumes it after expiry.
-        assert sum(r["expired_hot"] for r in results) == 0
-        assert all(r["expired"] == 0 for r in results if r["max_lag"] < MARGIN), report
+        # No expired token, ever: not from the hot tier, and not to a caller waiting on
+        # a renewal that a stalled loop (CPU starvation: stalls of 1-1.5 s at load 20+
+        # under nice) resumed after the token's expiry: that caller looks again.
+        assert total["expired"] == 0, report
         # No error at all in a process whose loop kept up. One stalled past the margin
         # (starved of CPU) may see what such a stall causes, and nothing else: a backend
         # call timing out (the backend is then skipped for a second, and a customer is
         # never renewed without its lock: BackendError), or an answer that arrived
         # inside its margin (refused to callers, though its pair is stored).
-        stall_errors = ("BackendError", "TokenEndpointError: the token endpoint returned")
+        stall_errors = ("BackendError", "TokenEndpointError: the token endpoint's answer was read")
         for r in results:
             raised = [text for text, n in r["errors"].items() if n]
             if r["max_lag"] < MARGIN:
