@@ -8,7 +8,9 @@ the same loop shape (``for _ in range(n): await fn()``) right next to the floor.
 from __future__ import annotations
 
 import asyncio
+import base64
 import gc
+import json
 import secrets
 import shutil
 import tempfile
@@ -20,6 +22,7 @@ from functools import partial
 from typing import Any
 
 from cl_tokens import Token, TokenManager
+from cl_tokens._http import Answer
 from cl_tokens.backends import LockHandle, TokenBackend
 from cl_tokens.testing import FakeAuthServer
 
@@ -319,15 +322,76 @@ def _scoped_floor(d: dict[str, str]) -> Any:
     return floor
 
 
+def _real_size_jwt(scope: str) -> str:
+    """A token the size of a real Commerce Layer one (about 1 KB): RS512 signature of a
+    2048-bit key, and the claims an integration token carries."""
+    now = int(time.time())
+    claims = {
+        "organization": {
+            "id": "WXlEOFrjnr",
+            "slug": "the-blue-brand-3",
+            "enterprise": True,
+            "region": "eu-west-1",
+        },
+        "application": {"id": "DNOPYiZYpn", "kind": "integration", "public": False},
+        "market": {
+            "id": ["BjQzjhmzxg"],
+            "stock_location_ids": ["KLDepuQNnk"],
+            "geocoder_id": None,
+            "allows_external_prices": False,
+        },
+        "scope": scope,
+        "exp": now + 14400,
+        "test": True,
+        "rand": secrets.randbelow(10**18) / 10**18,
+        "iat": now,
+        "iss": "https://auth.commercelayer.io",
+    }
+    header = {"alg": "RS512", "typ": "JWT", "kid": secrets.token_hex(20)}
+
+    def b64(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    return ".".join(
+        (
+            b64(json.dumps(header).encode()),
+            b64(json.dumps(claims).encode()),
+            b64(secrets.token_bytes(256)),
+        )
+    )
+
+
 async def _memory_per_token(cfg: Config, server: FakeAuthServer, template: str) -> dict[str, Any]:
-    """tracemalloc's view of what a manager keeps per cached scope, the token included."""
+    """tracemalloc's view of what a manager keeps per cached scope, next to the floor.
+
+    The manager has its default backend (a private memory://), which counts: it holds
+    the tokens too. Each scope is a real fetch path but for the socket: the POST is
+    answered in-process with a Commerce Layer body carrying a real-size token, parsed
+    by the manager's own endpoint code (10,000 signed tokens from the fake server would
+    take minutes). The floor, in the same run: a dict of the same header strings.
+    """
+    import cl_tokens._endpoint as endpoint
+
     n = cfg.memory_tokens
     scopes = _scopes(n)
-    manager = TokenManager(
-        server.client_id, server.client_secret, auth_url=server.url, backend=_SeedBackend(template)
-    )
+
+    async def answer(*_args: Any, body: Any, **_kwargs: Any) -> Answer:
+        scope = body.get("scope") or "market:all"
+        data = {
+            "access_token": _real_size_jwt(scope),
+            "token_type": "bearer",
+            "expires_in": 14400,
+            "scope": scope,
+            "created_at": int(time.time()),
+        }
+        return Answer(200, "application/json", json.dumps(data).encode(), None)
+
+    real_post = endpoint.post
+    endpoint.post = answer  # type: ignore[assignment]
+    manager = TokenManager(server.client_id, server.client_secret, auth_url=server.url)
     try:
-        await manager.header("market:code:warm-up")  # session-free, but binds loop and keeper
+        await manager.header("market:code:warm-up")  # binds loop, session and keeper
+        sample = [f"Bearer {_real_size_jwt(scope)}" for scope in scopes]
         gc.collect()
         tracemalloc.start()
         try:
@@ -336,16 +400,24 @@ async def _memory_per_token(cfg: Config, server: FakeAuthServer, template: str) 
                 await manager.header(scope)
             gc.collect()
             after = tracemalloc.get_traced_memory()[0]
+            floor_table = dict(zip(scopes, (value[:-1] + "x" for value in sample), strict=True))
+            floor_after = tracemalloc.get_traced_memory()[0]
         finally:
             tracemalloc.stop()
+        floor = (floor_after - after) / n
         per_token = (after - before) / n
+        del floor_table
         return {
             "tokens": n,
             "bytes_total": after - before,
             "bytes_per_token": per_token,
-            "access_token_chars": len(template),
-            "note": "everything the manager keeps per scope: the Token, its header string, "
-            "tier entries, the refresh timer and the resolved key",
+            "floor_bytes_per_token": floor,
+            "access_token_chars": len(sample[0]) - len("Bearer "),
+            "backend": "memory:// (the default)",
+            "note": "everything the manager keeps per scope, its default backend included: "
+            "the Token, tier entry, hot-tier slots, resolved key; floor: a dict of the "
+            "same header strings",
         }
     finally:
+        endpoint.post = real_post
         await manager.aclose()

@@ -301,14 +301,16 @@ def rows(results: dict[str, Any]) -> list[Row]:
             )
         )
         mem = scale["memory"]
+        floor_b = mem.get("floor_bytes_per_token")
         out.append(
             Row(
-                f"Memory per cached token ({mem['tokens']:,} scopes)",
+                f"Memory per cached scope ({mem['tokens']:,} scopes, default backend)",
                 f"{mem['bytes_per_token']:,.0f} B",
-                f"token of {mem['access_token_chars']} chars",
-                "",
-                "",
-                None,
+                f"token of {mem['access_token_chars']} chars"
+                + (f"; floor {floor_b:,.0f} B (dict of header strings)" if floor_b else ""),
+                _x(mem["bytes_per_token"] / floor_b) if floor_b else "",
+                "≤ 1,200 B",
+                mem["bytes_per_token"] <= 1200,
             )
         )
     held = results.get("customers")

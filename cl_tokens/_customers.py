@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from functools import partial
@@ -55,7 +54,7 @@ __all__ = ["CustomerTokens", "Owner"]
 logger = logging.getLogger("cl_tokens")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # one per customer held
 class Owner:
     """Who a customer key acts for, and how a renewal without refresh token goes."""
 
@@ -90,8 +89,9 @@ class CustomerTokens:
 
     def _init_customers(self) -> None:
         self._owners: dict[str, Owner] = {}
-        # The latest pair known per customer key, least recently renewed first.
-        self._pairs: OrderedDict[str, Token] = OrderedDict()
+        # The latest pair known per customer key, least recently renewed first (a plain
+        # dict keeps insertion order at a third of an OrderedDict's cost per entry).
+        self._pairs: dict[str, Token] = {}
 
     # -- logins ----------------------------------------------------------------------
 
@@ -358,8 +358,8 @@ class CustomerTokens:
         if key in self._owners or token.owner_id is not None:
             if key not in self._owners and token.owner_id is not None:
                 self._owners[key] = Owner(token.owner_id, token.owner_type or "Customer")
+            self._pairs.pop(key, None)  # to the end: the most recently renewed
             self._pairs[key] = token
-            self._pairs.move_to_end(key)
             while len(self._pairs) > self._tuning.max_customers:
                 oldest = next(iter(self._pairs))
                 self._forget_customer(oldest)

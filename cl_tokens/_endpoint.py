@@ -108,6 +108,7 @@ class TokenEndpoint:
         self._clock = clock
         self._session = session
         self._headers = {"Accept": "application/json", "User-Agent": user_agent}
+        self._granted: str | None = None  # the scope the last answer granted
 
     def body(self, scope: str | None) -> dict[str, str]:
         """The request body: Commerce Layer's documented shape."""
@@ -196,12 +197,19 @@ class TokenEndpoint:
         if not isinstance(token_type, str) or not token_type:
             raise malformed("token_type is not a string")
         granted = data.get("scope")
-        if not isinstance(granted, str) or not granted:
+        if not isinstance(granted, str) or not granted or granted == scope:
+            # The requested scope's own string, which the cache keys already hold.
             granted = scope
+        elif granted == self._granted:
+            # The scope the last answer granted: customers logged in without a scope
+            # all get the same one, kept once rather than once per customer.
+            granted = self._granted
         elif len(granted) > MAX_SCOPE_LENGTH or not granted.isprintable():
             raise malformed(
                 f"scope is longer than {MAX_SCOPE_LENGTH} characters or has control characters"
             )
+        else:
+            self._granted = granted
         refresh = data.get("refresh_token") if grant is not CLIENT_CREDENTIALS else None
         owner_id = data.get("owner_id") if grant is not CLIENT_CREDENTIALS else None
         if owner_id is not None and not isinstance(owner_id, str):

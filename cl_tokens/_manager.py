@@ -185,14 +185,16 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         # scrypt of the secret, once per credential per process: keys and MACs come
         # from it, so neither a key nor a stored value reveals or accepts a wrong secret.
         self._credential = credential_keys(auth_url, client_id, client_secret)
+        built = self._build_backend(backend, options)
         self._shared = SharedTier(
-            self._build_backend(backend, options),
+            built,
             clock=self._clock,
             strict=self._tuning.strict,
             timeout=self._tuning.backend_timeout,
             retry_interval=self._tuning.backend_retry_interval,
             keys=self._credential,
             backoff_cap=self._tuning.throttle_cap,
+            sealed=not (self._owns_backend and isinstance(built, MemoryBackend)),
         )
         self._rng = random.Random()  # noqa: S311 - jitter of timings, not a secret
         self._tier = MemoryTier(self._tuning, self._clock, self._rng)
@@ -200,6 +202,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         # dict. Entries are retired by the tier, never checked, on the hot path.
         self._hot_headers = self._tier.headers
         self._hot_tokens = self._tier.tokens
+        self._hot_customers = self._tier.customer_headers
         self._keys: dict[ScopeArg, tuple[str, str | None]] = {}
         self._flights: SingleFlight[str, Token] = SingleFlight(
             cancelled=lambda: TokenError("the TokenManager was closed while this call waited")
@@ -276,7 +279,20 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             TokenEndpointError: no token could be had from the endpoint.
             ConfigurationError: ``scope`` is not a non-empty string or None.
         """
-        arg = scope if customer is None else (scope, customer)
+        if customer is None:
+            arg: ScopeArg = scope
+        elif scope is None:
+            # A customer's token for the default scope, by owner id alone: no tuple to
+            # build and hash on the warm path.
+            try:
+                value = self._hot_customers.get(customer)
+            except TypeError:
+                value = None
+            if value is not None:
+                return {"Authorization": value}
+            arg = (None, customer)
+        else:
+            arg = (scope, customer)
         try:
             value = self._hot_headers.get(arg)
         except TypeError:  # unhashable scope: let the slow path name the problem

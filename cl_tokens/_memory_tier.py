@@ -11,10 +11,12 @@ processes, injected clocks — what the timers cannot see).
 from __future__ import annotations
 
 import asyncio
+import heapq
+import math
 import random
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from typing import Any
 
 from ._clock import Clock
 from ._token import Token
@@ -26,42 +28,90 @@ __all__ = ["Entry", "MemoryTier", "ScopeArg"]
 ScopeArg = str | None | tuple[str | None, str]
 
 
-@dataclass(eq=False)
+_NO_ALIAS: Any = object()  # an alias may be None (the default scope)
+
+
 class Entry:
     """A token in the memory tier, with its timing and the hot aliases that serve it.
 
-    The wall-clock moments of ``timing`` are mirrored on the monotonic clock at install
-    (``*_mono``): a token is usable only while both clocks agree, so a wall clock
-    stepped back cannot make an expired token look fresh.
+    The wall-clock moments (``usable_until``, ``refresh_at``) are mirrored on the
+    monotonic clock by one offset taken at install: a token is usable only while both
+    clocks agree, so a wall clock stepped back cannot make an expired token look fresh.
+    Slotted, its timing held inline and its first alias in a slot: one of these per
+    cached scope or customer.
     """
 
-    token: Token
-    timing: TokenTiming
-    usable_until_mono: float
-    refresh_at_mono: float
-    aliases: set[ScopeArg] = field(default_factory=set)
-    # A weak reference: if the event loop is closed with the timer pending, dropping
-    # the handle retires the entry (see MemoryTier._arm), since the timer never will.
-    timer: weakref.ref[asyncio.TimerHandle] | None = None
-    refresh_not_before: float = 0.0  # monotonic
+    __slots__ = (
+        "alias",
+        "due_loop",
+        "min_gap",
+        "more_aliases",
+        "offset",
+        "refresh_at",
+        "refresh_not_before",
+        "token",
+        "usable_until",
+    )
+
+    def __init__(self, token: Token, timing: TokenTiming, offset: float) -> None:
+        self.token = token
+        self.usable_until = timing.usable_until
+        self.refresh_at = timing.refresh_at
+        self.min_gap = timing.min_gap
+        self.offset = offset  # monotonic minus wall clock, at install
+        self.refresh_not_before = 0.0  # monotonic
+        self.alias: ScopeArg = _NO_ALIAS
+        self.more_aliases: tuple[ScopeArg, ...] = ()
+        self.due_loop = 0.0  # loop time of its retirement while in the tier's heap
+
+    @property
+    def timing(self) -> Entry:
+        """The entry's timing (``usable_until``, ``refresh_at``, ``min_gap``): the entry
+        holds it itself rather than in a second object."""
+        return self
+
+    @property
+    def usable_until_mono(self) -> float:
+        return self.usable_until + self.offset
+
+    @property
+    def refresh_at_mono(self) -> float:
+        return self.refresh_at + self.offset
+
+    @property
+    def aliases(self) -> tuple[ScopeArg, ...]:
+        if self.alias is _NO_ALIAS:
+            return ()
+        return (self.alias, *self.more_aliases)
+
+    def add_alias(self, scope_arg: ScopeArg) -> None:
+        if self.alias is _NO_ALIAS:
+            self.alias = scope_arg
+        elif scope_arg != self.alias and scope_arg not in self.more_aliases:
+            self.more_aliases = (*self.more_aliases, scope_arg)
+
+    def clear_aliases(self) -> None:
+        self.alias = _NO_ALIAS
+        self.more_aliases = ()
+
+    def __lt__(self, other: Entry) -> bool:  # heap order: the next to retire first
+        return self.due_loop < other.due_loop
 
     def usable(self, now: float, mono: float) -> bool:
-        return now < self.timing.usable_until and mono < self.usable_until_mono
+        return now < self.usable_until and mono < self.usable_until + self.offset
 
     def due(self, now: float, mono: float) -> bool:
         """Whether the refresh moment has come (by either clock)."""
-        return now >= self.timing.refresh_at or mono >= self.refresh_at_mono
-
-    def cancel_timer(self) -> None:
-        handle = self.timer() if self.timer is not None else None
-        if handle is not None:
-            handle.cancel()
-        self.timer = None
+        return now >= self.refresh_at or mono >= self.refresh_at + self.offset
 
 
 class MemoryTier:
     """Entries by cache key, and the hot dicts (``headers``, ``tokens``) read directly
     by the manager's hot path.
+
+    One loop timer serves the whole tier: entries wait in a heap ordered by their
+    retirement moment, and the timer is set for the earliest (a timer per entry would
+    cost more than the rest of the entry).
 
     Args:
         tuning: the margins and windows each token is planned with.
@@ -75,8 +125,18 @@ class MemoryTier:
         self._rng = rng
         self.headers: dict[ScopeArg, str] = {}
         self.tokens: dict[ScopeArg, Token] = {}
+        # Customers' headers for the default scope by owner id: ``headers`` too has
+        # them, under (None, owner id), a tuple the warm path would build and hash.
+        self.customer_headers: dict[str, str] = {}
         self._entries: dict[str, Entry] = {}
         self._pending: dict[str, set[ScopeArg]] = {}
+        self._heap: list[Entry] = []
+        self._dropped = 0  # entries still in the heap that have left the tier
+        # Held weakly: a loop closed with the timer pending drops it, and dropping it
+        # retires the hot tier, which the timer never will. (Replaced or fired, the
+        # reference is let go first, so its callback does not run.)
+        self._timer: weakref.ref[asyncio.TimerHandle] | None = None
+        self._timer_when = math.inf
 
     def get(self, key: str) -> Entry | None:
         return self._entries.get(key)
@@ -111,21 +171,15 @@ class MemoryTier:
         now = self._clock.time()
         mono = self._clock.monotonic()
         old = self._entries.get(key)
-        if old is not None and old.token.access_token == token.access_token:
+        if old is not None and old.token.authorization == token.authorization:
             # The same token came back (Commerce Layer reissues only near expiry):
             # keep its timing, and wait the minimum gap before asking again.
-            old.refresh_not_before = mono + old.timing.min_gap
+            old.refresh_not_before = mono + old.min_gap
             return old.token
-        timing = plan_token(token, self._tuning, now, self._rng)
-        entry = Entry(
-            token,
-            timing,
-            usable_until_mono=mono + (timing.usable_until - now),
-            refresh_at_mono=mono + (timing.refresh_at - now),
-        )
+        entry = Entry(token, plan_token(token, self._tuning, now, self._rng), mono - now)
         aliases = self._pending.pop(key, set())
         if old is not None:
-            aliases |= old.aliases
+            aliases.update(old.aliases)
             self.drop(key)
         self._entries[key] = entry
         if not entry.due(now, mono):
@@ -135,23 +189,55 @@ class MemoryTier:
         return token
 
     def _arm(self, entry: Entry, loop: asyncio.AbstractEventLoop) -> None:
-        """Retire ``entry`` from the hot tier at its refresh moment, by a loop timer.
+        """Retire ``entry`` from the hot tier at its refresh moment, by the tier's timer."""
+        delay = entry.refresh_at + entry.offset - self._clock.monotonic()
+        entry.due_loop = loop.time() + max(delay, 0.0)
+        heapq.heappush(self._heap, entry)
+        if entry.due_loop < self._timer_when:
+            self._set_timer(loop, entry.due_loop)
 
-        The handle is held weakly: a loop closed with the timer still pending drops it,
-        and dropping it retires the entry, which the timer never will. (A timer that
-        fired or was cancelled is dropped too; retiring then changes nothing.)
-        """
-        delay = entry.refresh_at_mono - self._clock.monotonic()
-        handle = loop.call_later(max(delay, 0.0), self.retire, entry)
-        entry.timer = weakref.ref(handle, lambda _ref, e=entry: self.retire(e))  # type: ignore[misc]
+    def _set_timer(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        self._cancel_timer()
+        handle = loop.call_at(when, self._fire, loop, when)
+        self._timer = weakref.ref(handle, self._timer_lost)
+        self._timer_when = when
+
+    def _cancel_timer(self) -> None:
+        ref, self._timer = self._timer, None
+        self._timer_when = math.inf
+        handle = ref() if ref is not None else None
+        if handle is not None:
+            handle.cancel()
+
+    def _timer_lost(self, ref: weakref.ref[asyncio.TimerHandle]) -> None:
+        if ref is self._timer:  # dropped while pending: its loop is gone
+            self._timer = None
+            self._timer_when = math.inf
+            self.clear_hot()
+
+    def _fire(self, loop: asyncio.AbstractEventLoop, when: float) -> None:
+        """Retire every entry due by ``when`` (the timer's moment), then set the timer
+        for the next one."""
+        self._timer = None
+        self._timer_when = math.inf
+        limit = max(when, loop.time())
+        heap = self._heap
+        while heap and heap[0].due_loop <= limit:
+            entry = heapq.heappop(heap)
+            entry.due_loop = 0.0
+            self.retire(entry)
+        if heap:
+            self._set_timer(loop, heap[0].due_loop)
 
     def promote(self, scope_arg: ScopeArg, entry: Entry) -> None:
         """Serve ``entry`` on the hot path to callers passing ``scope_arg``."""
         if not self._tuning.hot_tier:
             return
-        entry.aliases.add(scope_arg)
+        entry.add_alias(scope_arg)
         self.tokens[scope_arg] = entry.token
         self.headers[scope_arg] = entry.token.authorization
+        if type(scope_arg) is tuple and scope_arg[0] is None:
+            self.customer_headers[scope_arg[1]] = entry.token.authorization
 
     def retire(self, entry: Entry) -> None:
         """Take ``entry`` off the hot tier: its next caller takes the slow path."""
@@ -159,14 +245,26 @@ class MemoryTier:
             if self.tokens.get(alias) is entry.token:
                 del self.tokens[alias]
                 del self.headers[alias]
-        entry.aliases.clear()
+                if type(alias) is tuple and alias[0] is None:
+                    self.customer_headers.pop(alias[1], None)
+        entry.clear_aliases()
 
     def drop(self, key: str) -> Entry | None:
         """Remove the entry for ``key`` from both tiers; returns it."""
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.retire(entry)
-            entry.cancel_timer()
+            if entry.due_loop:
+                # Left in the heap (removing it costs a scan); compacted once the
+                # dropped ones are half of it, so the heap stays bounded by the tier.
+                self._dropped += 1
+                if self._dropped >= len(self._heap):  # nothing left to retire
+                    self.cancel_timers()
+                elif self._dropped > 16 and 2 * self._dropped > len(self._heap):
+                    live = {id(e) for e in self._entries.values()}
+                    self._heap = [e for e in self._heap if id(e) in live]
+                    heapq.heapify(self._heap)
+                    self._dropped = 0
         return entry
 
     def sweep(self) -> None:
@@ -177,22 +275,26 @@ class MemoryTier:
         for key, entry in list(self._entries.items()):
             if now >= entry.token.expires_at:
                 self.drop(key)
-            elif entry.aliases and entry.due(now, mono):
+            elif entry.alias is not _NO_ALIAS and entry.due(now, mono):
                 self.retire(entry)
 
     def clear_hot(self) -> None:
         """Empty the hot tier (the memory tier keeps its tokens)."""
         self.headers.clear()
         self.tokens.clear()
+        self.customer_headers.clear()
         for entry in self._entries.values():
-            entry.aliases.clear()
+            entry.clear_aliases()
 
     def cancel_timers(self) -> None:
-        for entry in self._entries.values():
-            entry.cancel_timer()
+        self._cancel_timer()
+        for entry in self._heap:
+            entry.due_loop = 0.0
+        self._heap.clear()
+        self._dropped = 0
 
     def rearm(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Re-create every retirement timer on ``loop`` (the old loop's died with it)."""
+        """Re-create the retirement timer on ``loop`` (the old loop's died with it)."""
         self.cancel_timers()
         now = self._clock.time()
         mono = self._clock.monotonic()

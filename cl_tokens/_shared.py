@@ -82,8 +82,13 @@ class SharedTier:
         retry_interval: float,
         keys: CredentialKeys,
         backoff_cap: float,
+        sealed: bool = True,
     ) -> None:
         self.backend = backend
+        # False for the manager's private memory:// store: nothing outside this process
+        # can write it, so a MAC proves nothing, and the store keeps the very Token the
+        # memory tier holds instead of a sealed copy (the token is in memory once).
+        self._sealed = sealed
         self._keys = keys
         self._backoff_cap = backoff_cap
         self._forged: set[str] = set()  # keys already warned about: one warning each
@@ -215,7 +220,7 @@ class SharedTier:
         newer pair another process rotated meanwhile, and bring back a spent refresh
         token that would then be sent again.
         """
-        sealed = replace(token, seal=self._keys.seal(key, token))
+        sealed = replace(token, seal=self._keys.seal(key, token)) if self._sealed else token
         self._cancel_rewrite(key)
         result = await self._call(self.backend.set(key, sealed), "write a token")
         if not isinstance(result, _Unavailable):
@@ -235,7 +240,7 @@ class SharedTier:
     def trusted(self, key: str, token: Token) -> bool:
         """Whether ``token``, read under ``key``, carries this credential's MAC (a
         warning, once per key, when it does not)."""
-        if self._keys.verify(key, token):
+        if not self._sealed or self._keys.verify(key, token):
             self._forged.discard(key)
             return True
         if key not in self._forged:
@@ -281,7 +286,7 @@ class SharedTier:
             await self.write(key, token)  # only schedules the retry of the write
             await self.release(handle)
             return
-        sealed = replace(token, seal=self._keys.seal(key, token))
+        sealed = replace(token, seal=self._keys.seal(key, token)) if self._sealed else token
         self._cancel_rewrite(key)
         self._stop_renewal(handle)
         try:

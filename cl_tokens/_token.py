@@ -7,6 +7,7 @@ import binascii
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -185,7 +186,8 @@ def decode_claims(access_token: str) -> TokenClaims | None:
     return TokenClaims(payload) if isinstance(payload, dict) else None
 
 
-@dataclass(frozen=True)
+# slots: one token per cached scope or customer; a __dict__ would double its size.
+@dataclass(frozen=True, slots=True)
 class Token:
     """An access token and when it stops being usable.
 
@@ -224,10 +226,14 @@ class Token:
     owner_id: str | None = None
     owner_type: str | None = None
     refresh_sent: float | None = None
-    # Built once: thousands of callers woken by one fetch each need it.
+    # The token is kept once, as its header value ("Bearer <token>"): what the hot path
+    # serves, and thousands of callers woken by one fetch read. ``access_token`` is a
+    # view of it (see _access_token below), set through it by __init__.
     _authorization: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        if not isinstance(self._authorization, str):
+            raise ValueError("access_token is missing or empty")
         problem = token_value_problem(self.access_token, self.token_type)
         if problem is not None:
             raise ValueError(problem)
@@ -253,7 +259,11 @@ class Token:
         if not self.lifetime > 0:
             # Unknown (tokens built by hand may omit it): margins then apply unclamped.
             object.__setattr__(self, "lifetime", 0.0)
-
+        # One shared string for the few values every token repeats ("bearer",
+        # "customer"), not one per token.
+        object.__setattr__(self, "token_type", sys.intern(self.token_type))
+        if self.owner_type is not None:
+            object.__setattr__(self, "owner_type", sys.intern(self.owner_type))
 
     def __repr__(self) -> str:
         return (
@@ -266,17 +276,9 @@ class Token:
     def authorization(self) -> str:
         """The value of the ``Authorization`` header: ``Bearer <token>``.
 
-        Built on first use and kept: the copies a store holds never need it, and
-        thousands of callers woken by one fetch all read the same string.
+        The very string the token is kept as: every caller reads the same one.
         """
-        try:
-            return self._authorization
-        except AttributeError:
-            # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says
-            # "Bearer", and the value is validated as a b64token.
-            value = f"Bearer {self.access_token}"
-            object.__setattr__(self, "_authorization", value)
-            return value
+        return self._authorization
 
     @property
     def claims(self) -> TokenClaims | None:
@@ -363,3 +365,25 @@ class Token:
             owner_type=owner_type,
             refresh_sent=refresh_sent,
         )
+
+
+def _get_access_token(self: Token) -> str:
+    return self._authorization[7:]
+
+
+def _set_access_token(self: Token, value: object) -> None:
+    # Commerce Layer answers token_type "bearer" or "Bearer"; RFC 6750 says "Bearer",
+    # and the value is validated as a b64token by __post_init__ (a non-string is kept
+    # as is for it to refuse).
+    header = f"Bearer {value}" if isinstance(value, str) else value
+    object.__setattr__(self, "_authorization", header)
+
+
+# The dataclass field stays (fields(), replace(), ==, the constructor's keyword); its
+# value lives in _authorization, so a token costs its length once, not twice.
+# (setattr: mypy reads the assignment as a class variable clashing with the slot.)
+setattr(  # noqa: B010
+    Token,
+    "access_token",
+    property(_get_access_token, _set_access_token, doc="The bearer token (never in a repr)."),
+)

@@ -71,15 +71,50 @@ async def test_drop_cancels_the_timer_and_leaves_nothing_hot() -> None:
     tier.install("k", _token("x.y.z", clock.time(), 7200))
     entry = tier.get("k")
     assert entry is not None
-    assert entry.timer is not None
-    handle = entry.timer()
+    assert tier._timer is not None
+    handle = tier._timer()
     assert handle is not None
     assert tier.drop("k") is entry
+    # The last entry gone, the tier's one timer goes too: nothing is left scheduled.
     assert handle.cancelled()
-    assert entry.timer is None
+    assert tier._timer is None
+    assert tier._heap == []
     assert tier.headers == {}
     assert tier.tokens == {}
     assert tier.get("k") is None
+
+
+async def test_one_timer_serves_every_entry_in_order() -> None:
+    """A timer per entry cost more than the rest of it: the tier keeps one, set for
+    the earliest refresh moment, and each entry still leaves the hot tier at its own."""
+    clock = FakeClock()
+    tier = MemoryTier(Tuning(), clock, random.Random(1))
+    loop = asyncio.get_running_loop()
+
+    def pending() -> int:
+        return sum(not h.cancelled() for h in loop._scheduled)  # type: ignore[attr-defined]
+
+    pending_before = pending()
+    for i, lifetime in enumerate((7200, 2.0, 7200, 1.2)):
+        tier.await_flight(f"k{i}", f"s{i}")
+        tier.install(f"k{i}", _token(f"t.{i}.z", clock.time(), lifetime))
+    assert pending() - pending_before == 1
+    assert set(tier.headers) == {"s0", "s1", "s2", "s3"}
+    # 1.2 s and 2 s tokens: refresh windows of half their lifetime, jitter up to 10%.
+    await asyncio.sleep(0.75)
+    assert set(tier.headers) == {"s0", "s1", "s2"}
+    await asyncio.sleep(0.6)
+    assert set(tier.headers) == {"s0", "s2"}
+    assert pending() - pending_before == 1
+
+
+async def test_dropped_entries_do_not_pile_up_in_the_heap() -> None:
+    clock = FakeClock()
+    tier = MemoryTier(Tuning(), clock, random.Random(1))
+    tier.install("keep", _token("keep.token", clock.time(), 7200))
+    for i in range(1000):
+        tier.install("churn", _token(f"churn.{i}.z", clock.time(), 7200))
+    assert len(tier._heap) <= 2 * 2 + 17
 
 
 async def test_the_sweep_forgets_expired_tokens() -> None:

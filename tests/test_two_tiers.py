@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import stat
+import tracemalloc
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -260,3 +264,69 @@ async def test_a_hanging_backend_costs_backend_timeout_not_a_hang(
         assert asyncio.get_running_loop().time() - started < 1.0
     assert server.token_requests == 1
     assert any("no answer within 0.2 s" in r.getMessage() for r in caplog.records)
+
+
+async def test_the_default_backend_holds_the_tiers_own_token_not_a_copy(
+    make_manager: Callable[..., TokenManager],
+) -> None:
+    """A cached scope costs its token once: the private memory:// store keeps the very
+    Token the memory tier serves, and the token text lives in one string."""
+    manager = make_manager()
+    token = await manager.token("market:code:europe")
+    key = manager._resolve("market:code:europe")[0]
+    assert await manager.backend.get(key) is token
+    assert (await manager.header("market:code:europe"))["Authorization"] is token.authorization
+    assert token.authorization == f"Bearer {token.access_token}"
+    assert not hasattr(token, "__dict__")
+
+
+async def test_a_shared_memory_backend_still_gets_sealed_values(
+    make_manager: Callable[..., TokenManager],
+) -> None:
+    """An instance passed in may be shared by managers of other credentials: its
+    values keep their MAC, and a forged one is refused."""
+    backend = MemoryBackend()
+    manager = make_manager(backend=backend)
+    token = await manager.token()
+    key = manager._resolve(None)[0]
+    stored = await backend.get(key)
+    assert stored is not None
+    assert stored.seal is not None
+    await backend.set(key, replace(stored, seal=None))
+    await manager.invalidate(token.access_token)
+    assert (await manager.token()).access_token != token.access_token
+
+
+async def test_memory_per_cached_scope_stays_near_its_floor(
+    make_manager: Callable[..., TokenManager], server: FakeAuthServer
+) -> None:
+    """What the manager keeps per scope (default backend included) against a dict of
+    the same header strings, both counted by tracemalloc: a token stored twice, or a
+    timer per entry, breaks the bound (it measured 4.4× before they went; 1.9× after)."""
+    n = 300
+    scopes = [f"market:code:m{i:04d}" for i in range(n)]
+    manager = make_manager()
+    await manager.header("market:code:warm-up")
+    gc.collect()
+    tracemalloc.start(25)
+    try:
+        before = tracemalloc.take_snapshot()
+        headers = [(await manager.header(scope))["Authorization"] for scope in scopes]
+        gc.collect()
+        after = tracemalloc.take_snapshot()
+        floor_start = tracemalloc.get_traced_memory()[0]
+        table = {scope: value[:-1] + "x" for scope, value in zip(scopes, headers, strict=True)}
+        floor = tracemalloc.get_traced_memory()[0] - floor_start
+    finally:
+        tracemalloc.stop()
+    # The fake server runs in this process: what its handlers keep is not the manager's.
+    ours = [
+        tracemalloc.Filter(False, "*/cl_tokens/testing/*", all_frames=True),
+        tracemalloc.Filter(False, "*/aiohttp/web_*", all_frames=True),
+    ]
+    kept = sum(
+        stat.size_diff
+        for stat in after.filter_traces(ours).compare_to(before.filter_traces(ours), "filename")
+    )
+    assert len(table) == n
+    assert kept < 2.5 * floor, (kept / n, floor / n)
