@@ -300,7 +300,11 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         if value is not None:
             return {"Authorization": value}
         found = self._lookup(arg)
-        token = found if isinstance(found, Token) else await self._settle(arg, found)
+        if isinstance(found, Token):
+            return {"Authorization": found.authorization}
+        token = await found
+        if self._clock.time() >= token.expires_at:
+            token = await self._look_again(arg)
         return {"Authorization": token.authorization}
 
     async def token(self, scope: str | None = None, *, customer: str | None = None) -> Token:
@@ -314,19 +318,22 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         if token is not None:
             return token
         found = self._lookup(arg)
-        return found if isinstance(found, Token) else await self._settle(arg, found)
-
-    async def _settle(self, arg: ScopeArg, found: asyncio.Future[Token]) -> Token:
-        """The flight's token, unless this caller resumed after it expired (its loop
-        stalled longer than the safety margin): then it looks again, a few times."""
+        if isinstance(found, Token):
+            return found
         token = await found
+        if self._clock.time() >= token.expires_at:
+            token = await self._look_again(arg)
+        return token
+
+    async def _look_again(self, arg: ScopeArg) -> Token:
+        """For a caller that resumed after its flight's token expired (its loop stalled
+        longer than the safety margin): look again, a few times. The check is inline in
+        header() and token(), so each waiter of a cold stampede still runs one frame."""
         for _ in range(3):
+            found = self._lookup(arg)
+            token = found if isinstance(found, Token) else await found
             if self._clock.time() < token.expires_at:
                 return token
-            looked = self._lookup(arg)
-            token = looked if isinstance(looked, Token) else await looked
-        if self._clock.time() < token.expires_at:
-            return token
         raise TokenError(
             "every token this call was given had expired before the call could resume: "
             "the event loop is stalling longer than the tokens' safety margin"
