@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ._clock import Clock, SystemClock
-from ._customers import CustomerTokens, Owner
+from ._customers import CustomerTokens
 from ._endpoint import BodyEncoding, TokenEndpoint
 from ._errors import (
     AuthenticationError,
@@ -672,7 +672,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             return resolved
         resolved = (self._credential.key(scope, owner), scope)
         self._keys[(scope_arg, owner)] = resolved
-        self._owners.setdefault(resolved[0], Owner(owner))
+        self._owners.setdefault(resolved[0], owner)
         return resolved
 
     # -- event loop and resources ------------------------------------------------------
