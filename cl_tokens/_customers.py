@@ -88,7 +88,10 @@ class CustomerTokens:
         async def _get_session(self) -> aiohttp.ClientSession: ...
 
     def _init_customers(self) -> None:
-        self._owners: dict[str, Owner] = {}
+        # Per customer key: its owner id, or an Owner where a renewal needs more (a
+        # login_as() owner renews by assertion). Most customers hold only the id string
+        # their token already holds: an Owner each cost ~60 B per held customer.
+        self._owners: dict[str, Owner | str] = {}
         # The latest pair known per customer key, least recently renewed first (a plain
         # dict keeps insertion order at a third of an OrderedDict's cost per entry).
         self._pairs: dict[str, Token] = {}
@@ -194,7 +197,7 @@ class CustomerTokens:
             token = replace(token, owner_id=owner_id, owner_type=owner.owner_type)
         arg = (scope_arg, owner_id)
         key, _ = self._resolve(arg)
-        self._owners[key] = owner
+        self._owners[key] = owner if owner.by_assertion else owner_id
         self._rejected.pop(key, None)
         await self._shared.write(key, token)
         self._install(key, token)
@@ -210,8 +213,9 @@ class CustomerTokens:
 
     async def _renew(self, key: str, scope: str | None) -> Token:
         """A customer's new token, under the backend's lock (see the module docstring)."""
-        owner = self._owners.get(key)
-        owner_id = owner.owner_id if owner else "?"
+        held = self._owners.get(key)
+        owner = held if isinstance(held, Owner) else None
+        owner_id = held if isinstance(held, str) else owner.owner_id if owner else "?"
         stored = await self._shared.read(key)
         # The store is the fleet's truth: a pair in memory may hold a refresh token that
         # another process has already spent. Only without a stored pair (a private
@@ -357,7 +361,7 @@ class CustomerTokens:
         installed = self._tier.install(key, token)
         if key in self._owners or token.owner_id is not None:
             if key not in self._owners and token.owner_id is not None:
-                self._owners[key] = Owner(token.owner_id, token.owner_type or "Customer")
+                self._owners[key] = token.owner_id
             self._pairs.pop(key, None)  # to the end: the most recently renewed
             self._pairs[key] = token
             while len(self._pairs) > self._tuning.max_customers:

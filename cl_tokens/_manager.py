@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ._clock import Clock, SystemClock
-from ._customers import CustomerTokens, Owner
+from ._customers import CustomerTokens
 from ._endpoint import BodyEncoding, TokenEndpoint
 from ._errors import (
     AuthenticationError,
@@ -651,6 +651,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         if known is not None:
             return known  # type: ignore[no-any-return]
         owner: str | None = None
+        pair = scope_arg  # kept as the key below: a second equal tuple is 56 B a customer
         if isinstance(scope_arg, tuple) and len(scope_arg) == 2:
             scope_arg, owner = scope_arg
             if not isinstance(owner, str) or not owner or len(owner) > 256:
@@ -671,8 +672,8 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             self._keys[scope_arg] = resolved
             return resolved
         resolved = (self._credential.key(scope, owner), scope)
-        self._keys[(scope_arg, owner)] = resolved
-        self._owners.setdefault(resolved[0], Owner(owner))
+        self._keys[pair if type(pair) is tuple else (scope_arg, owner)] = resolved
+        self._owners.setdefault(resolved[0], owner)
         return resolved
 
     # -- event loop and resources ------------------------------------------------------
