@@ -3,8 +3,8 @@ warm ``header(customer=...)`` next to the floor.
 
 10,000 customers log in (password grant, real HTTP to the fake server, which runs in its
 own process); tracemalloc counts what the manager keeps for them, the token and its
-refresh token included; then the warm path cycles over them, timed in alternating slices with a floor that looks up
-the same number of header strings in a dict.
+refresh token included; then the warm path cycles over them, timed in alternating slices
+with a floor that looks up the same number of header strings in a dict.
 """
 
 from __future__ import annotations
