@@ -88,10 +88,10 @@ class CustomerTokens:
         async def _get_session(self) -> aiohttp.ClientSession: ...
 
     def _init_customers(self) -> None:
-        # Per customer key: its owner id, or an Owner where a renewal needs more (a
-        # login_as() owner renews by assertion). Most customers hold only the id string
-        # their token already holds: an Owner each cost ~60 B per held customer.
-        self._owners: dict[str, Owner | str] = {}
+        # The login_as() owners (they renew by assertion), by customer key. Other
+        # customers need nothing here: their token holds their owner id, and a flight
+        # carries the owner id of the customer it renews.
+        self._owners: dict[str, Owner] = {}
         # The latest pair known per customer key, least recently renewed first (a plain
         # dict keeps insertion order at a third of an OrderedDict's cost per entry).
         self._pairs: dict[str, Token] = {}
@@ -197,7 +197,10 @@ class CustomerTokens:
             token = replace(token, owner_id=owner_id, owner_type=owner.owner_type)
         arg = (scope_arg, owner_id)
         key, _ = self._resolve(arg)
-        self._owners[key] = owner if owner.by_assertion else owner_id
+        if owner.by_assertion:
+            self._owners[key] = owner
+        else:
+            self._owners.pop(key, None)
         self._rejected.pop(key, None)
         await self._shared.write(key, token)
         self._install(key, token)
@@ -211,11 +214,9 @@ class CustomerTokens:
 
     # -- renewal -----------------------------------------------------------------------
 
-    async def _renew(self, key: str, scope: str | None) -> Token:
+    async def _renew(self, key: str, scope: str | None, owner_id: str) -> Token:
         """A customer's new token, under the backend's lock (see the module docstring)."""
-        held = self._owners.get(key)
-        owner = held if isinstance(held, Owner) else None
-        owner_id = held if isinstance(held, str) else owner.owner_id if owner else "?"
+        owner = self._owners.get(key)
         stored = await self._shared.read(key)
         # The store is the fleet's truth: a pair in memory may hold a refresh token that
         # another process has already spent. Only without a stored pair (a private
@@ -359,9 +360,7 @@ class CustomerTokens:
 
     def _install(self, key: str, token: Token) -> Token:
         installed = self._tier.install(key, token)
-        if key in self._owners or token.owner_id is not None:
-            if key not in self._owners and token.owner_id is not None:
-                self._owners[key] = token.owner_id
+        if token.owner_id is not None:  # a customer's (an app token has no owner)
             self._pairs.pop(key, None)  # to the end: the most recently renewed
             self._pairs[key] = token
             while len(self._pairs) > self._tuning.max_customers:

@@ -149,9 +149,7 @@ def forget_idle(manager: TokenManager) -> None:
         if now >= until:
             del manager._rejected[key]
     manager._throttle.forget_ended(now)
-    for key, (until_mono, _) in list(manager._cooldowns.items()):
-        if mono >= until_mono:
-            del manager._cooldowns[key]
+    manager._cooldowns.forget_ended(mono)
     manager._forget_spent_pairs(now)
     live = {
         key

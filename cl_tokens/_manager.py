@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 
 from ._clock import Clock, SystemClock
+from ._cooldown import Cooldowns
 from ._customers import CustomerTokens
 from ._endpoint import BodyEncoding, TokenEndpoint
 from ._errors import (
@@ -209,7 +210,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         )
         # Concurrent invalidate() calls for the same token share one backend delete.
         self._deletes: SingleFlight[tuple[str, str], bool] = SingleFlight()
-        self._cooldowns: dict[str, tuple[float, AuthenticationError]] = {}
+        self._cooldowns = Cooldowns(self._tuning, self._clock)
         # Access tokens dropped by invalidate() or found stale, with their expiry: a read
         # of the shared backend must not bring them back while they may still be there.
         self._rejected: dict[str, tuple[str, float]] = {}
@@ -443,7 +444,8 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             self._reject(key, entry.token.access_token, entry.token.expires_at)
         metrics.cache_miss("memory")
         self._tier.await_flight(key, scope_arg)
-        return self._flights.join(key, partial(self._obtain, key, scope, None))
+        owner = scope_arg[1] if type(scope_arg) is tuple else None
+        return self._flights.join(key, partial(self._obtain, key, scope, None, owner))
 
     def _start_refresh(self, key: str, scope: str | None, entry: Entry) -> None:
         """Refresh ``entry`` in the background, at most once per minimum gap."""
@@ -453,7 +455,8 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         if now < entry.refresh_not_before:
             return
         entry.refresh_not_before = now + entry.timing.min_gap
-        task = self._flights.start(key, partial(self._obtain, key, scope, entry.token))
+        stale = entry.token
+        task = self._flights.start(key, partial(self._obtain, key, scope, stale, stale.owner_id))
         task.add_done_callback(partial(self._refresh_done, entry))
 
     def _refresh_done(self, entry: Entry, task: asyncio.Task[Token]) -> None:
@@ -464,21 +467,27 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
                 entry.refresh_not_before, self._clock.monotonic() + entry.timing.min_gap
             )
 
-    async def _obtain(self, key: str, scope: str | None, stale: Token | None) -> Token:
+    async def _obtain(
+        self, key: str, scope: str | None, stale: Token | None, owner: str | None
+    ) -> Token:
         """The body of a flight: shared tier, then the lock, then the endpoint.
 
         ``stale`` is the token being refreshed ahead of expiry (None for a blocking
-        fetch): a refresh accepts only a newer token than it.
+        fetch): a refresh accepts only a newer token than it. ``owner`` is the
+        customer's owner id (None for the app's own token): it travels with the flight,
+        so no later state (an evicted customer) can turn its renewal into an app fetch.
         """
         try:
-            return await self._obtain_or_raise(key, scope, stale)
+            return await self._obtain_or_raise(key, scope, stale, owner)
         except BaseException:
             # Nobody will install a token for this flight's waiters: forget them.
             self._tier.forget_pending(key)
             raise
 
-    async def _obtain_or_raise(self, key: str, scope: str | None, stale: Token | None) -> Token:
-        self._raise_if_cooling_down(key)
+    async def _obtain_or_raise(
+        self, key: str, scope: str | None, stale: Token | None, owner: str | None
+    ) -> Token:
+        self._cooldowns.raise_if_cooling_down(key)
         self._throttle.raise_if_backing_off(key)
         began = metrics.now()
         outcome = await self._lock_or_token(key, stale)
@@ -504,7 +513,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             # lock (a Redis backend read it with the lock: no round trip here).
             await self._throttle.check_shared(key)
             try:
-                token = await self._fetch(key, scope, refreshing=stale is not None)
+                token = await self._fetch(key, scope, owner, refreshing=stale is not None)
             except TokenEndpointError as error:
                 if throttles(error):
                     await self._throttle.enter(key, error)  # before the lock is released
@@ -564,16 +573,18 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             return True
         return token.access_token != stale.access_token and token.expires_at > stale.expires_at
 
-    async def _fetch(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
+    async def _fetch(
+        self, key: str, scope: str | None, owner: str | None, *, refreshing: bool
+    ) -> Token:
         began = metrics.now()
         try:
+            if owner is not None:
+                return await self._renew(key, scope, owner)
             return await self._fetch_once(key, scope, refreshing=refreshing)
         finally:
             metrics.fetch_duration(metrics.now() - began)
 
     async def _fetch_once(self, key: str, scope: str | None, *, refreshing: bool) -> Token:
-        if key in self._owners:
-            return await self._renew(key, scope)
         tuning = self._tuning
         try:
             token = await with_retries(
@@ -587,7 +598,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
                 rng=self._rng,
             )
         except AuthenticationError as error:
-            self._cooldowns[key] = (self._clock.monotonic() + tuning.auth_failure_cooldown, error)
+            self._cooldowns.enter(key, error)
             logger.warning(
                 "token request for client %r rejected: %s; calls fail fast for %g s",
                 self._client_id,
@@ -609,23 +620,6 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             token.lifetime,
         )
         return token
-
-    def _raise_if_cooling_down(self, key: str) -> None:
-        cooling = self._cooldowns.get(key)
-        if cooling is None:
-            return
-        until, error = cooling
-        if self._clock.monotonic() >= until:
-            del self._cooldowns[key]
-            return
-        raise AuthenticationError(
-            f"{error} (failing fast: the credentials were rejected "
-            f"{self._tuning.auth_failure_cooldown:g} s ago or less)",
-            status=error.status,
-            code=error.code,
-            title=error.title,
-            detail=error.detail,
-        )
 
     # -- the tiers ---------------------------------------------------------------------
 
@@ -673,7 +667,6 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             return resolved
         resolved = (self._credential.key(scope, owner), scope)
         self._keys[pair if type(pair) is tuple else (scope_arg, owner)] = resolved
-        self._owners.setdefault(resolved[0], owner)
         return resolved
 
     # -- event loop and resources ------------------------------------------------------

@@ -230,6 +230,61 @@ async def test_memory_is_bounded_by_max_customers() -> None:
             assert (await manager.token(customer=owners[0])).owner_id == owners[0]
 
 
+class GatedLocks(MemoryBackend):
+    """A store whose lock is granted only once ``gate`` opens: a renewal's flight waits
+    there, after it resolved its key and before it chose its grant."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+
+    async def get_or_lock(self, key: str, *, lease: float, refuse: str | None = None) -> Any:
+        await self.gate.wait()
+        return await super().get_or_lock(key, lease=lease, refuse=refuse)
+
+
+async def test_a_customer_evicted_during_its_renewal_never_gets_the_apps_token() -> None:
+    """The flight carries its owner: evicting the customer meanwhile (max_customers)
+    cannot turn the renewal into a client_credentials fetch stored under their key."""
+    async with FakeAuthServer(client_secret=SECRET) as server:
+        ann = server.customers.add("ann@example.com", "pw")
+        server.customers.add("bob@example.com", "pw")
+        backend = GatedLocks()
+        backend.gate.set()
+        async with manager_for(server, backend=backend, max_customers=1) as manager:
+            first = await manager.login("ann@example.com", "pw")
+            await manager.invalidate(first.access_token, customer=ann)
+            backend.gate.clear()
+            renewal = asyncio.create_task(manager.token(customer=ann))
+            await asyncio.sleep(0.05)  # the flight waits at the gate
+            await manager.login("bob@example.com", "pw")  # evicts ann from memory
+            assert ann not in {t.owner_id for t in manager._pairs.values()}
+            backend.gate.set()
+            renewed = await renewal
+            assert renewed.owner_id == ann
+            assert renewed.access_token != first.access_token
+            assert (await manager.header(customer=ann))["Authorization"] == (
+                f"Bearer {renewed.access_token}"
+            )
+        grants = [r.body.get("grant_type") for r in server.requests if r.path.endswith("/token")]
+        assert "client_credentials" not in grants
+        assert server.customers.refresh_reuses == 0
+
+
+async def test_unknown_customers_leave_no_state_behind() -> None:
+    """header(customer=...) for ids nobody logged in (a route's hostile input) raises
+    LoginRequiredError and keeps nothing per id once the idle state is forgotten."""
+    async with FakeAuthServer(client_secret=SECRET) as server, manager_for(server) as manager:
+        for n in range(200):
+            with pytest.raises(LoginRequiredError):
+                await manager.header(customer=f"nobody-{n}")
+        manager._forget_idle()
+        assert not manager._keys
+        assert not manager._owners
+        assert not manager._pairs
+        assert server.token_requests == 0
+
+
 # -- a fleet at the refresh moment ---------------------------------------------------------
 
 
