@@ -109,6 +109,7 @@ class TokenEndpoint:
         self._session = session
         self._headers = {"Accept": "application/json", "User-Agent": user_agent}
         self._granted: str | None = None  # the scope the last answer granted
+        self._lifetime = 0.0  # the expires_in the last answer gave
 
     def body(self, scope: str | None) -> dict[str, str]:
         """The request body: Commerce Layer's documented shape."""
@@ -193,6 +194,10 @@ class TokenEndpoint:
                 f"expires_in is missing or not a number of seconds in [{MIN_EXPIRES_IN:g}, "
                 f"{MAX_EXPIRES_IN:g}] (1 s to 1 year)"
             )
+        if expires_in == self._lifetime:
+            expires_in = self._lifetime  # one float for the lifetime every answer gives
+        else:
+            self._lifetime = expires_in
         token_type = data.get("token_type", "Bearer")
         if not isinstance(token_type, str) or not token_type:
             raise malformed("token_type is not a string")

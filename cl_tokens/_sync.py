@@ -102,6 +102,7 @@ class SyncTokenManager:
         # never replaces (it clears and fills them in place).
         self._hot_header = manager._hot_headers.get
         self._hot_token = manager._hot_tokens.get
+        self._hot_customer = manager._hot_customers.get
         _LIVE.add(self._state)
         # Warns and cleans up if the instance is dropped without close(); not at
         # interpreter exit, when the daemon thread simply ends with the process.
@@ -184,7 +185,12 @@ class SyncTokenManager:
             TokenError: the manager is closed.
         """
         try:
-            value = self._hot_header(scope if customer is None else (scope, customer))
+            if customer is None:
+                value = self._hot_header(scope)
+            elif scope is None:  # a customer's default-scope header is kept by owner id
+                value = self._hot_customer(customer)
+            else:
+                value = self._hot_header((scope, customer))
         except TypeError:  # unhashable scope: let the slow path name the problem
             value = None
         if value is not None:
