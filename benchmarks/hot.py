@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import gc
 import json
 import secrets
@@ -23,6 +24,7 @@ from typing import Any
 
 from cl_tokens import Token, TokenManager
 from cl_tokens._http import Answer
+from cl_tokens._keys import CredentialKeys, credential_keys
 from cl_tokens.backends import LockHandle, TokenBackend
 from cl_tokens.testing import FakeAuthServer
 
@@ -240,18 +242,22 @@ class _SeedBackend(TokenBackend):
     manager builds and keeps the same objects it keeps for a fetched token.
     """
 
-    def __init__(self, template: str, lifetime: float = 7200.0) -> None:
+    def __init__(self, template: str, keys: CredentialKeys, lifetime: float = 7200.0) -> None:
         self._template = template[:-16]  # the tail is replaced to make every token distinct
+        self._keys = keys
         self._lifetime = lifetime
 
     async def get(self, key: str) -> Token | None:
-        return Token(
+        token = Token(
             access_token=self._template + secrets.token_hex(8),
             token_type="Bearer",
             scope=None,
             expires_at=time.time() + self._lifetime,
             lifetime=self._lifetime,
         )
+        # Sealed with the credential's MAC as a real writer does: an unsealed value is
+        # ignored (with a warning) and the manager would fetch each scope instead.
+        return dataclasses.replace(token, seal=self._keys.seal(key, token))
 
     async def set(self, key: str, token: Token) -> None:
         return None
@@ -285,7 +291,10 @@ async def scale(cfg: Config, server: FakeAuthServer, template: str) -> dict[str,
             server.client_id,
             server.client_secret,
             auth_url=server.url,
-            backend=_SeedBackend(template),
+            backend=_SeedBackend(
+                template,
+                credential_keys(server.url, server.client_id, server.client_secret),
+            ),
         )
         try:
             for scope in scopes:
