@@ -423,9 +423,15 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         if loop is not self._loop or self._keeper is None or self._keeper.done():
             self._bind_loop()
         try:
+            # A flight this same argument already waits on (the tiers had nothing):
+            # join it without resolving the key again. A cold stampede's waiters.
+            waiter = self._flights.join_alias(scope_arg)
             resolved = self._keys.get(scope_arg)
         except TypeError:
-            resolved = None
+            waiter = resolved = None
+        if waiter is not None:
+            metrics.cache_miss("memory")
+            return waiter
         key, scope = resolved if resolved is not None else self._resolve(scope_arg)
         entry = self._tier.get(key)
         if entry is not None:
@@ -444,7 +450,7 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
         metrics.cache_miss("memory")
         self._tier.await_flight(key, scope_arg)
         owner = scope_arg[1] if type(scope_arg) is tuple else None
-        return self._flights.join(key, partial(self._obtain, key, scope, None, owner))
+        return self._flights.join_as(key, partial(self._obtain, key, scope, None, owner), scope_arg)
 
     def _start_refresh(self, key: str, scope: str | None, entry: Entry) -> None:
         """Refresh ``entry`` in the background, at most once per minimum gap."""

@@ -26,11 +26,12 @@ V = TypeVar("V")
 class _Flight(Generic[V]):
     """One in-flight task and the futures of the callers waiting for it."""
 
-    __slots__ = ("task", "waiters")
+    __slots__ = ("aliases", "task", "waiters")
 
     def __init__(self, task: asyncio.Task[V]) -> None:
         self.task = task
         self.waiters: list[asyncio.Future[V]] = []
+        self.aliases: list[Hashable] = []
 
 
 class SingleFlight(Generic[K, V]):
@@ -43,6 +44,7 @@ class SingleFlight(Generic[K, V]):
                 owner closing); None: they are cancelled too.
         """
         self._flights: dict[K, _Flight[V]] = {}
+        self._aliases: dict[Hashable, _Flight[V]] = {}
         self._cancelled = cancelled
 
     def _flight(self, key: K, work: Callable[[], Awaitable[V]]) -> _Flight[V]:
@@ -70,6 +72,29 @@ class SingleFlight(Generic[K, V]):
         flight.waiters.append(waiter)
         return waiter
 
+    def join_as(
+        self, key: K, work: Callable[[], Awaitable[V]], alias: Hashable
+    ) -> asyncio.Future[V]:
+        """``join``, and remember the flight under ``alias`` until it ends: later
+        callers that know only the alias join it with ``join_alias``."""
+        flight = self._flight(key, work)
+        if alias not in self._aliases:
+            self._aliases[alias] = flight
+            flight.aliases.append(alias)
+        waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
+        flight.waiters.append(waiter)
+        return waiter
+
+    def join_alias(self, alias: Hashable) -> asyncio.Future[V] | None:
+        """A future of this caller's own for the flight remembered under ``alias``, or
+        None when there is none: the cheapest way in for the waiters of a stampede."""
+        flight = self._aliases.get(alias)
+        if flight is None:
+            return None
+        waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
+        flight.waiters.append(waiter)
+        return waiter
+
     async def run(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
         """Join the flight for ``key`` (starting it if needed) and return its result."""
         return await self.join(key, work)
@@ -83,12 +108,16 @@ class SingleFlight(Generic[K, V]):
     def forget(self) -> None:
         """Drop every flight without touching it (their event loop is gone)."""
         self._flights.clear()
+        self._aliases.clear()
 
     def _finished(self, key: K, flight: _Flight[V]) -> None:
         # Only this flight's own waiters: after forget(), a new flight for the same key
         # may already be running, and a late callback of the old one must not touch it.
         if self._flights.get(key) is flight:
             del self._flights[key]
+        for alias in flight.aliases:
+            if self._aliases.get(alias) is flight:
+                del self._aliases[alias]
         task = flight.task
         if task.cancelled():
             for waiter in flight.waiters:

@@ -39,6 +39,36 @@ async def test_10000_concurrent_cold_callers_make_exactly_one_request(
     assert {h["Authorization"] for h in headers} == {f"Bearer {server.issued[0]}"}
 
 
+async def test_a_cold_stampedes_waiters_join_the_flight_without_reading_the_tiers_again(
+    server: FakeAuthServer, make_manager: MakeManager
+) -> None:
+    # The first caller of each argument reads the tier and starts (or joins) the flight;
+    # everyone after it joins by that argument alone, the cheapest way in.
+    server.latency = 0.05
+    manager = make_manager(scope="market:code:europe")
+    reads = 0
+    real_get = manager._tier.get
+
+    def counted(key: str):  # type: ignore[no-untyped-def]
+        nonlocal reads
+        reads += 1
+        return real_get(key)
+
+    manager._tier.get = counted  # type: ignore[method-assign]
+    calls = [manager.header() for _ in range(3_000)]
+    calls += [manager.header("market:code:europe") for _ in range(3_000)]
+    calls += [manager.token() for _ in range(10)]
+    results = await asyncio.gather(*calls)
+    assert server.token_requests == 1
+    assert reads == 2  # None and "market:code:europe": one key, two arguments
+    assert {r["Authorization"] for r in results[:6_000]} == {f"Bearer {server.issued[0]}"}
+    assert {t.access_token for t in results[6_000:]} == {server.issued[0]}  # type: ignore[union-attr]
+    assert manager._flights._aliases == {}  # forgotten with the flight
+    # A call after the flight reads the hot tier: no flight to join, no request.
+    assert await manager.header() == results[0]
+    assert server.token_requests == 1
+
+
 async def test_warm_header_makes_no_request_and_returns_a_new_dict(
     server: FakeAuthServer, make_manager: MakeManager
 ) -> None:

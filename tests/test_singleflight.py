@@ -108,3 +108,68 @@ async def test_a_forgotten_flight_never_settles_the_waiters_of_its_successor() -
     assert await old_waiter == "old"
     assert not new_waiter.done()
     assert await new_waiter == "new"
+
+
+async def test_an_alias_joins_the_flight_it_names_until_that_flight_ends() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    gate = asyncio.Event()
+    calls = 0
+
+    async def work() -> int:
+        nonlocal calls
+        calls += 1
+        await gate.wait()
+        return calls
+
+    assert flight.join_alias(("scope", None)) is None  # nothing in flight yet
+    first = flight.join_as("key", work, ("scope", None))
+    second = flight.join_as("key", work, "other alias")  # a second alias, same flight
+    by_alias = [flight.join_alias(("scope", None)) for _ in range(50)]
+    by_other = flight.join_alias("other alias")
+    assert all(w is not None for w in by_alias)
+    assert by_other is not None
+    assert flight.start("key", work) is flight.tasks()[0]  # still one flight
+    gate.set()
+    results = await asyncio.gather(first, second, by_other, *by_alias)  # type: ignore[arg-type]
+    assert calls == 1
+    assert results == [1] * 53
+    await asyncio.sleep(0)  # the flight's done callback
+    # Forgotten with the flight: a later caller must look again, not wait on nothing.
+    assert flight.join_alias(("scope", None)) is None
+    assert flight.join_alias("other alias") is None
+    assert flight._aliases == {}
+
+
+async def test_a_waiter_that_joined_by_alias_can_leave_without_stopping_the_others() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 5
+
+    owner = flight.join_as("key", work, "alias")
+    leaving = flight.join_alias("alias")
+    staying = flight.join_alias("alias")
+    assert leaving is not None
+    assert staying is not None
+    leaving.cancel()
+    gate.set()
+    assert await owner == 5
+    assert await staying == 5
+    assert leaving.cancelled()
+
+
+async def test_forget_drops_aliases_with_the_flights() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 1
+
+    waiter = flight.join_as("key", work, "alias")
+    flight.forget()
+    assert flight.join_alias("alias") is None
+    gate.set()
+    assert await waiter == 1  # the old flight still settles its own waiters
