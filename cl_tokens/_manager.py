@@ -426,12 +426,12 @@ class TokenManager(CustomerTokens, ManagerExtras, LockWaiting):
             # A flight this same argument already waits on (the tiers had nothing):
             # join it without resolving the key again. A cold stampede's waiters.
             waiter = self._flights.join_alias(scope_arg)
+            if waiter is not None:
+                metrics.cache_miss("memory")
+                return waiter
             resolved = self._keys.get(scope_arg)
         except TypeError:
-            waiter = resolved = None
-        if waiter is not None:
-            metrics.cache_miss("memory")
-            return waiter
+            resolved = None
         key, scope = resolved if resolved is not None else self._resolve(scope_arg)
         entry = self._tier.get(key)
         if entry is not None:
