@@ -51,7 +51,7 @@ def _hops(backend: FileBackend) -> list[int]:
         counter[0] += 1
         return await real(*args)
 
-    backend._threads.run = counted  # type: ignore[method-assign]
+    backend._threads.run = counted  # type: ignore[method-assign,assignment]
     return counter
 
 

@@ -395,8 +395,9 @@ async def _memory_per_token(cfg: Config, server: FakeAuthServer, template: str) 
         }
         return Answer(200, "application/json", json.dumps(data).encode(), None)
 
-    real_post = endpoint.post
-    endpoint.post = answer  # type: ignore[assignment]
+    # The endpoint module's own name for the POST (setattr: it is not re-exported).
+    real_post = getattr(endpoint, "post")  # noqa: B009
+    setattr(endpoint, "post", answer)  # noqa: B010
     manager = TokenManager(server.client_id, server.client_secret, auth_url=server.url)
     try:
         await manager.header("market:code:warm-up")  # binds loop, session and keeper
@@ -428,5 +429,5 @@ async def _memory_per_token(cfg: Config, server: FakeAuthServer, template: str) 
             "same header strings",
         }
     finally:
-        endpoint.post = real_post
+        setattr(endpoint, "post", real_post)  # noqa: B010
         await manager.aclose()
