@@ -43,7 +43,7 @@ class Config:
     rounds: int = 7  # timing rounds; figures are medians over them
     slow_call_budget: float = 0.25  # seconds per round for subjects far slower than the floor
     stampede_callers: int = 10_000
-    stampede_rounds: int = 5
+    stampede_rounds: int = 6  # three sides, each in each position twice
     stampede_latency: float = 0.05
     processes: int = 16
     callers_per_process: int = 500
@@ -61,7 +61,7 @@ class Config:
                 calls=20_000,
                 rounds=3,
                 slow_call_budget=0.05,
-                stampede_rounds=2,
+                stampede_rounds=3,
                 processes=4,
                 callers_per_process=200,
                 xproc_rounds=1,

@@ -186,6 +186,18 @@ def rows(results: dict[str, Any]) -> list[Row]:
                 cold["ratio_median"] <= 1.1,
             )
         )
+        if "safe_floor_all_served_s_median" in cold:
+            out.append(
+                Row(
+                    f"Cold stampede, {n} coroutines: the floor made safe to cancel "
+                    "(a future per caller) ÷ the raw-POST floor; cl_tokens ÷ it",
+                    _ms(cold["safe_floor_all_served_s_median"]),
+                    f"cl_tokens {_x(cold['ratio_to_safe_floor_median'])} of it",
+                    _x(cold["safe_floor_ratio_median"]),
+                    "",
+                    None,
+                )
+            )
         out.append(
             Row(
                 f"Cold stampede, {n} coroutines: first served",

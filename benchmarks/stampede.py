@@ -96,6 +96,36 @@ async def _raw_post_floor(
     return start, list(done)
 
 
+async def _safe_floor(
+    post: Callable[[], Awaitable[str]], callers: int
+) -> tuple[float, list[float]]:
+    """The floor made safe to cancel, as a library must be: each caller awaits a future
+    of its own, all settled when the one raw POST answers (what ``asyncio.shield`` does,
+    without its second future). Awaited directly, one shared future is cancelled for
+    everyone by the first caller that is cancelled."""
+    waiters: list[asyncio.Future[dict[str, str]]] = []
+    task: asyncio.Task[None] | None = None
+
+    async def fetch() -> None:
+        header = {"Authorization": await post()}
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(header)
+
+    async def caller() -> float:
+        nonlocal task
+        if task is None:
+            task = asyncio.ensure_future(fetch())
+        waiter = asyncio.get_running_loop().create_future()
+        waiters.append(waiter)
+        await waiter
+        return time.perf_counter()
+
+    start = time.perf_counter()
+    done = await asyncio.gather(*(caller() for _ in range(callers)))
+    return start, list(done)
+
+
 async def cold_stampede(cfg: Config) -> dict[str, Any]:
     """``cfg.stampede_callers`` coroutines call ``header()`` at once on a cold manager,
     next to the raw-POST floor: as many coroutines awaiting one future that one raw
@@ -118,12 +148,18 @@ async def cold_stampede(cfg: Config) -> dict[str, Any]:
         await post()  # connect
         for round_no in range(cfg.stampede_rounds):
             r: dict[str, Any] = {}
-            for side in ("floor", "stampede") if round_no % 2 == 0 else ("stampede", "floor"):
+            sides = ["floor", "stampede", "safe floor"]
+            sides = sides[round_no % 3 :] + sides[: round_no % 3]  # each position in turn
+            for side in sides:
                 gc.collect()
                 if side == "floor":
                     f_start, f_done = await _raw_post_floor(post, n)
                     r["floor_all_served_s"] = max(f_done) - f_start
                     r["floor_first_served_s"] = min(f_done) - f_start
+                    continue
+                if side == "safe floor":
+                    f_start, f_done = await _safe_floor(post, n)
+                    r["safe_floor_all_served_s"] = max(f_done) - f_start
                     continue
                 before = await server.requests()
                 async with _manager(server, session=session) as manager:
@@ -133,6 +169,8 @@ async def cold_stampede(cfg: Config) -> dict[str, Any]:
                 r["token_requests"] = await server.requests() - before
                 r["distinct_headers"] = len(headers)
             r["ratio"] = r["stampede_all_served_s"] / r["floor_all_served_s"]
+            r["safe_floor_ratio"] = r["safe_floor_all_served_s"] / r["floor_all_served_s"]
+            r["ratio_to_safe_floor"] = r["stampede_all_served_s"] / r["safe_floor_all_served_s"]
             rounds.append(r)
         async with _manager(server, session=session) as manager:
             tracemalloc.start()
@@ -155,6 +193,9 @@ async def cold_stampede(cfg: Config) -> dict[str, Any]:
         "floor_all_served_s_median": median([r["floor_all_served_s"] for r in rounds]),
         "floor_first_served_s_median": median([r["floor_first_served_s"] for r in rounds]),
         "ratio_median": median([r["ratio"] for r in rounds]),
+        "safe_floor_all_served_s_median": median([r["safe_floor_all_served_s"] for r in rounds]),
+        "safe_floor_ratio_median": median([r["safe_floor_ratio"] for r in rounds]),
+        "ratio_to_safe_floor_median": median([r["ratio_to_safe_floor"] for r in rounds]),
         "peak_bytes": peak,
         "peak_bytes_per_caller": peak / n,
     }
