@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from ._endpoint import TokenEndpoint
     from ._memory_tier import MemoryTier, ScopeArg
     from ._shared import SharedTier
+    from ._singleflight import SingleFlight
     from ._tuning import Tuning
 
 __all__ = ["CustomerTokens", "Owner"]
@@ -75,6 +76,7 @@ class CustomerTokens:
         _body_encoding: str
         _clock: Clock
         _endpoint: TokenEndpoint
+        _flights: SingleFlight[str, Token]
         _keys: dict[ScopeArg, tuple[str, str | None]]
         _rejected: dict[str, tuple[str, float]]
         _rng: random.Random
@@ -360,6 +362,9 @@ class CustomerTokens:
 
     def _install(self, key: str, token: Token) -> Token:
         installed = self._tier.install(key, token)
+        # A login can install a token while a miss-flight for the same key still runs
+        # (one that will fail: it found nothing to renew): callers from now on read it.
+        self._flights.unalias(key)
         if token.owner_id is not None:  # a customer's (an app token has no owner)
             self._pairs.pop(key, None)  # to the end: the most recently renewed
             self._pairs[key] = token

@@ -95,6 +95,17 @@ class SingleFlight(Generic[K, V]):
         flight.waiters.append(waiter)
         return waiter
 
+    def unalias(self, key: K) -> None:
+        """Forget the aliases of the flight for ``key``: what they wait for is there
+        already (installed by another path), so a later caller must look, not wait."""
+        flight = self._flights.get(key)
+        if flight is None:
+            return
+        for alias in flight.aliases:
+            if self._aliases.get(alias) is flight:
+                del self._aliases[alias]
+        flight.aliases.clear()
+
     async def run(self, key: K, work: Callable[[], Awaitable[V]]) -> V:
         """Join the flight for ``key`` (starting it if needed) and return its result."""
         return await self.join(key, work)

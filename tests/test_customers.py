@@ -271,6 +271,30 @@ async def test_a_customer_evicted_during_its_renewal_never_gets_the_apps_token()
         assert server.customers.refresh_reuses == 0
 
 
+async def test_a_login_during_a_customers_miss_flight_serves_later_callers_at_once() -> None:
+    """A caller that would join a customer's miss-flight by its argument alone is served
+    the token a login installs meanwhile, at once, instead of waiting on that flight
+    (the install serves every argument waiting on the key hot, and forgets the flight's
+    aliases). The explicit scope, the manager's default, names the same key as the
+    login's argument but is not the argument the login itself serves."""
+    scope = "market:code:europe"
+    async with FakeAuthServer(client_secret=SECRET) as server:
+        ann = server.customers.add("ann@example.com", "pw")
+        backend = GatedLocks()
+        async with manager_for(server, backend=backend, scope=scope) as manager:
+            early = asyncio.create_task(manager.header(scope, customer=ann))  # at the gate
+            await asyncio.sleep(0.05)
+            assert (scope, ann) in manager._flights._aliases  # joinable by argument so far
+            logged_in = await manager.login("ann@example.com", "pw")
+            # Not behind the gate: the login's token, at once.
+            later = await asyncio.wait_for(manager.header(scope, customer=ann), timeout=2.0)
+            assert later == {"Authorization": f"Bearer {logged_in.access_token}"}
+            backend.gate.set()
+            outcome = (await asyncio.gather(early, return_exceptions=True))[0]
+            # The early caller's flight finds the stored pair, or nothing to renew.
+            assert outcome == later or isinstance(outcome, LoginRequiredError)
+
+
 async def test_unknown_customers_leave_no_state_behind() -> None:
     """header(customer=...) for ids nobody logged in (a route's hostile input) raises
     LoginRequiredError and keeps nothing per id once the idle state is forgotten."""

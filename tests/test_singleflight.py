@@ -173,3 +173,25 @@ async def test_forget_drops_aliases_with_the_flights() -> None:
     assert flight.join_alias("alias") is None
     gate.set()
     assert await waiter == 1  # the old flight still settles its own waiters
+
+
+async def test_unalias_forgets_only_that_flights_aliases() -> None:
+    flight: SingleFlight[str, int] = SingleFlight()
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return 1
+
+    a = flight.join_as("a", work, "alias of a")
+    b = flight.join_as("b", work, "alias of b")
+    flight.unalias("a")
+    flight.unalias("nothing in flight")  # no-op
+    assert flight.join_alias("alias of a") is None
+    assert flight.in_flight("a")  # the flight itself runs on for its waiters
+    joined = flight.join_alias("alias of b")
+    assert joined is not None
+    gate.set()
+    assert await a == 1
+    assert await b == 1
+    assert await joined == 1
