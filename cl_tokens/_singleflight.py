@@ -67,10 +67,7 @@ class SingleFlight(Generic[K, V]):
         A plain function, not a coroutine: awaiting the future directly saves a frame
         per caller, which counts when thousands wait at once.
         """
-        flight = self._flight(key, work)
-        waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
-        flight.waiters.append(waiter)
-        return waiter
+        return _wait_on(self._flight(key, work))
 
     def join_as(
         self, key: K, work: Callable[[], Awaitable[V]], alias: Hashable
@@ -81,19 +78,13 @@ class SingleFlight(Generic[K, V]):
         if alias not in self._aliases:
             self._aliases[alias] = flight
             flight.aliases.append(alias)
-        waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
-        flight.waiters.append(waiter)
-        return waiter
+        return _wait_on(flight)
 
     def join_alias(self, alias: Hashable) -> asyncio.Future[V] | None:
         """A future of this caller's own for the flight remembered under ``alias``, or
         None when there is none: the cheapest way in for the waiters of a stampede."""
         flight = self._aliases.get(alias)
-        if flight is None:
-            return None
-        waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
-        flight.waiters.append(waiter)
-        return waiter
+        return None if flight is None else _wait_on(flight)
 
     def unalias(self, key: K) -> None:
         """Forget the aliases of the flight for ``key``: what they wait for is there
@@ -151,6 +142,13 @@ class SingleFlight(Generic[K, V]):
             for waiter in flight.waiters:
                 if not waiter.done():
                     waiter.set_exception(error)
+
+
+def _wait_on(flight: _Flight[V]) -> asyncio.Future[V]:
+    """A new future of one caller's own, settled with ``flight``'s outcome."""
+    waiter: asyncio.Future[V] = flight.task.get_loop().create_future()
+    flight.waiters.append(waiter)
+    return waiter
 
 
 async def _await(work: Callable[[], Awaitable[V]]) -> V:
