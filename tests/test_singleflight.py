@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -110,6 +111,17 @@ async def test_a_forgotten_flight_never_settles_the_waiters_of_its_successor() -
     assert await new_waiter == "new"
 
 
+def gated(value: int) -> tuple[asyncio.Event, Callable[[], Awaitable[int]]]:
+    """Work that returns ``value`` once the returned gate is set."""
+    gate = asyncio.Event()
+
+    async def work() -> int:
+        await gate.wait()
+        return value
+
+    return gate, work
+
+
 async def test_an_alias_joins_the_flight_it_names_until_that_flight_ends() -> None:
     flight: SingleFlight[str, int] = SingleFlight()
     gate = asyncio.Event()
@@ -142,11 +154,7 @@ async def test_an_alias_joins_the_flight_it_names_until_that_flight_ends() -> No
 
 async def test_a_waiter_that_joined_by_alias_can_leave_without_stopping_the_others() -> None:
     flight: SingleFlight[str, int] = SingleFlight()
-    gate = asyncio.Event()
-
-    async def work() -> int:
-        await gate.wait()
-        return 5
+    gate, work = gated(5)
 
     owner = flight.join_as("key", work, "alias")
     leaving = flight.join_alias("alias")
@@ -162,11 +170,7 @@ async def test_a_waiter_that_joined_by_alias_can_leave_without_stopping_the_othe
 
 async def test_forget_drops_aliases_with_the_flights() -> None:
     flight: SingleFlight[str, int] = SingleFlight()
-    gate = asyncio.Event()
-
-    async def work() -> int:
-        await gate.wait()
-        return 1
+    gate, work = gated(1)
 
     waiter = flight.join_as("key", work, "alias")
     flight.forget()
@@ -177,11 +181,7 @@ async def test_forget_drops_aliases_with_the_flights() -> None:
 
 async def test_unalias_forgets_only_that_flights_aliases() -> None:
     flight: SingleFlight[str, int] = SingleFlight()
-    gate = asyncio.Event()
-
-    async def work() -> int:
-        await gate.wait()
-        return 1
+    gate, work = gated(1)
 
     a = flight.join_as("a", work, "alias of a")
     b = flight.join_as("b", work, "alias of b")
